@@ -1,0 +1,34 @@
+# Thin wrappers around scripts/install.sh and the venv's tools.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUFF := $(VENV)/bin/ruff
+PYTEST_ARGS ?=
+# Only the source directories that exist.
+SRC_DIRS := $(wildcard lightning_gfm tests examples benchmarks)
+
+export GFM_VENV := $(VENV)
+
+.PHONY: install install-dev test demo lint format
+
+install:
+	bash scripts/install.sh
+
+install-dev:
+	bash scripts/install.sh dev
+
+test: install-dev
+	$(RUFF) check $(SRC_DIRS)
+	$(RUFF) format --check $(SRC_DIRS)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo:
+	bash scripts/install.sh wandb
+	$(PY) examples/demo.py
+
+lint:
+	$(RUFF) check $(SRC_DIRS)
+	$(RUFF) format --check $(SRC_DIRS)
+
+format:
+	$(RUFF) format $(SRC_DIRS)
+	$(RUFF) check --fix $(SRC_DIRS)

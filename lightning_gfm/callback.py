@@ -1,0 +1,580 @@
+"""GFMCallback: the Lightning adapter. The only module of the package that imports Lightning.
+
+Hooks decide *when*; the pure modules decide *what*: :mod:`~lightning_gfm.trajectory` stores snapshots,
+:mod:`~lightning_gfm.flow.matching` fits the field, :mod:`~lightning_gfm.forecast` integrates it and
+:mod:`~lightning_gfm.jump` chooses, applies or rolls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from lightning_gfm.dynamics import (
+    calls_needed,
+    dynamics_for,
+    future_learning_rates,
+    lr_by_step,
+    read_state,
+    step_count,
+)
+from lightning_gfm.fields import load_field, save_field
+from lightning_gfm.flow.field import FieldConfig, GradientField
+from lightning_gfm.flow.matching import fit_field
+from lightning_gfm.flow.ode import SOLVERS
+from lightning_gfm.flow.window import Window
+from lightning_gfm.forecast import backtest_error, forecast
+from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
+from lightning_gfm.params import ParamSpec
+from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
+
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+class GFMCallback(pl.Callback):
+    r"""Gradient Flow Matching: forecast the run's own weight trajectory and jump ahead along it.
+
+    Every ``record_every`` optimizer steps the callback stores the trainable weights and the optimizer state.
+    Every ``jump_every`` steps it fits an optimizer-aware vector field to the recorded window by flow matching,
+    integrates it with torchdyn up to ``horizon`` steps ahead, evaluates ``n_candidates`` points of that path
+    on validation batches, moves the weights (in place) to the best one if it beats staying put by
+    ``min_delta``, and otherwise restores the weights bit-exactly.
+
+    Args:
+        record_every: optimizer steps between snapshots.
+        window: snapshots kept (memory: about ``window * (1 + n_state)`` copies of the weights on
+            ``buffer_device``, where ``n_state`` is 0 for SGD, 1 for momentum, 2 for Adam).
+        jump_every: optimizer steps between jump attempts (attempts wait until the window is long enough).
+        horizon: farthest forecast, in optimizer steps; ``None`` means the field's fitted span
+            (``span * record_every``). Never beyond the end of the planned training.
+        n_candidates: points of the forecast path evaluated, evenly spaced up to the horizon.
+        monitor: metric logged by ``validation_step`` that decides; default ``"val_loss"``. Without a
+            validation loop, ``training_step`` is run on a held-back slice of training batches and its logged
+            ``monitor`` or, failing that, its returned loss decides.
+        mode: ``"min"`` or ``"max"``.
+        min_delta: relative improvement over staying put a jump must show (``0.01`` = 1 %).
+        eval_batches: validation batches used for each evaluation (fixed for the whole fit, cached on device).
+        optimizer_state: after an accepted jump, ``"keep"`` the moments, ``"reset"`` them, or take the
+            ``"forecast"`` ones the ODE carried.
+        field: path of a saved field (safetensors) to start from; ``None`` starts from the prior (the constant
+            gradient forecast).
+        fit_steps: gradient steps of each online fit (0 disables online fitting).
+        fit_batch: scalars per fitting step.
+        fit_seconds: wall-clock cap of one fit.
+        backtest: snapshots held back to check a fitted field against the prior before trusting it (0 disables).
+        history: past velocities the field sees.
+        hidden: hidden width of the field's network.
+        span: record intervals ahead the field is fitted for.
+        solver: fixed-step torchdyn solver: ``"euler"``, ``"midpoint"`` or ``"rk4"``.
+        buffer_device: where snapshots are stored.
+        buffer_dtype: dtype of stored snapshots.
+        chunk_size: scalars integrated at once (bounds forecasting memory).
+        generic_dynamics: allow optimizers outside SGD, Adam, AdamW, RMSprop with an SGD-shaped fallback.
+        seed: seeds fitting, so runs are reproducible.
+
+    Example:
+        >>> cb = GFMCallback(record_every=5, jump_every=50)
+        >>> cb.should_record(10), cb.should_jump(50), cb.should_jump(60)
+        (True, True, False)
+    """
+
+    def __init__(
+        self,
+        *,
+        record_every: int = 10,
+        window: int = 24,
+        jump_every: int = 200,
+        horizon: int | None = None,
+        n_candidates: int = 4,
+        monitor: str = "val_loss",
+        mode: str = "min",
+        min_delta: float = 0.0,
+        eval_batches: int = 4,
+        optimizer_state: str = "keep",
+        field: str | os.PathLike | None = None,
+        fit_steps: int = 100,
+        fit_batch: int = 4096,
+        fit_seconds: float | None = None,
+        backtest: int = 3,
+        history: int = 3,
+        hidden: int = 32,
+        span: int = 12,
+        solver: str = "rk4",
+        buffer_device: str | torch.device = "cpu",
+        buffer_dtype: torch.dtype = torch.float32,
+        chunk_size: int = 1 << 20,
+        generic_dynamics: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_int("record_every", record_every, 1)
+        _check_int("window", window, 4)
+        _check_int("jump_every", jump_every, 1)
+        if horizon is not None:
+            _check_int("horizon", horizon, 1)
+        _check_int("n_candidates", n_candidates, 1)
+        _check_int("eval_batches", eval_batches, 1)
+        _check_int("fit_steps", fit_steps, 0)
+        _check_int("fit_batch", fit_batch, 1)
+        _check_int("backtest", backtest, 0)
+        _check_int("history", history, 1)
+        _check_int("hidden", hidden, 1)
+        _check_int("span", span, 1)
+        _check_int("chunk_size", chunk_size, 1)
+        _check_int("seed", seed, 0)
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"`monitor` must be a non-empty metric name, got {monitor!r}.")
+        if mode not in ("min", "max"):
+            raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
+        if not isinstance(min_delta, int | float) or not math.isfinite(min_delta) or min_delta < 0:
+            raise ValueError(f"`min_delta` must be a finite number >= 0, got {min_delta!r}.")
+        if fit_seconds is not None and not (isinstance(fit_seconds, int | float) and fit_seconds > 0):
+            raise ValueError(f"`fit_seconds` must be a positive number of seconds or None, got {fit_seconds!r}.")
+        try:
+            self.optimizer_state = StatePolicy(optimizer_state)
+        except ValueError:
+            choices = [p.value for p in StatePolicy]
+            raise ValueError(f"`optimizer_state` must be one of {choices}, got {optimizer_state!r}.") from None
+        if solver not in SOLVERS:
+            raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
+        if not isinstance(buffer_dtype, torch.dtype) or not buffer_dtype.is_floating_point:
+            raise ValueError(f"`buffer_dtype` must be a floating torch.dtype, got {buffer_dtype!r}.")
+        min_window = history + max(backtest, 1) + 2
+        if window < min_window:
+            raise ValueError(
+                f"`window` must be >= history + max(backtest, 1) + 2 = {min_window} snapshots to fit and "
+                f"backtest a field, got {window}."
+            )
+        if field is not None and not isinstance(field, str | os.PathLike):
+            raise ValueError(f"`field` must be a path to a saved field or None, got {type(field).__name__}.")
+        if field is not None and not os.path.isfile(field):
+            raise FileNotFoundError(f"`field` file not found: {str(field)!r}.")
+        self.record_every = record_every
+        self.window = window
+        self.jump_every = jump_every
+        self.horizon = horizon
+        self.n_candidates = n_candidates
+        self.monitor = monitor
+        self.mode = mode
+        self.min_delta = float(min_delta)
+        self.eval_batches = eval_batches
+        self.field_path = None if field is None else os.fspath(field)
+        self.fit_steps = fit_steps
+        self.fit_batch = fit_batch
+        self.fit_seconds = fit_seconds
+        self.backtest = backtest
+        self.field_config = FieldConfig(history=history, hidden=hidden, span=float(span))
+        self.solver = solver
+        self.buffer_device = torch.device(buffer_device)
+        self.buffer_dtype = buffer_dtype
+        self.chunk_size = chunk_size
+        self.generic_dynamics = generic_dynamics
+        self.seed = seed
+
+        #: one :class:`~lightning_gfm.jump.JumpRecord` per jump attempt, in order.
+        self.jumps: list[JumpRecord] = []
+        self.buffer = TrajectoryBuffer(window, device=self.buffer_device, dtype=buffer_dtype)
+        self.field: GradientField | None = None
+        self.record_seconds = 0.0
+        self._field_opt: torch.optim.Optimizer | None = None
+        self._pending: dict | None = None
+        self._spec: ParamSpec | None = None
+        self._dyn = None
+        self._last_step = -1
+        self._epoch_start_step = 0
+        self._eval_cache: tuple[list, str] | None = None
+        self._logger_failed = False
+
+    # ------------------------------------------------------------------ when
+    def should_record(self, step: int) -> bool:
+        """Whether to snapshot after optimizer step ``step`` (override to change the schedule)."""
+        return step % self.record_every == 0
+
+    def should_jump(self, step: int) -> bool:
+        """Whether to attempt a jump after optimizer step ``step`` (override to change the schedule).
+
+        An attempt also needs a window long enough to fit and backtest; until then it is skipped silently.
+        """
+        return step > 0 and step % self.jump_every == 0
+
+    @property
+    def min_snapshots(self) -> int:
+        """Snapshots needed before a jump can be attempted."""
+        return self.field_config.history + max(self.backtest, 1) + 2
+
+    # ----------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse set-ups GFM cannot serve, with what to do instead."""
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "GFMCallback needs automatic optimization (it counts optimizer steps through Lightning). "
+                "Set `self.automatic_optimization = True` or remove the callback."
+            )
+        name = type(trainer.strategy).__name__
+        if any(s in name for s in _UNSUPPORTED_STRATEGIES):
+            raise ValueError(
+                f"GFMCallback supports single-device and DDP strategies; got `{name}`. "
+                "Use strategy='ddp' (or 'ddp_spawn'), or remove the callback."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Bind to the model and optimizer; build or load the field; apply a pending checkpoint state."""
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"GFMCallback needs exactly one optimizer, `configure_optimizers` returned {len(trainer.optimizers)}. "
+                "Combine the parameters into one optimizer with several param groups."
+            )
+        opt = trainer.optimizers[0]
+        self._spec = ParamSpec.from_module(pl_module, opt)
+        self._dyn = dynamics_for(opt, self._spec, generic=self.generic_dynamics)
+        device = pl_module.device
+        with torch.random.fork_rng(devices=[]):  # never disturb the user's random stream
+            torch.manual_seed(self.seed)
+            if self.field is None:
+                self.field = load_field(self.field_path) if self.field_path else GradientField(self.field_config)
+        self.field.to(device)
+        self.field_config = self.field.config
+        self._field_opt = torch.optim.Adam(self.field.parameters(), lr=3e-3)
+        self._eval_cache = None
+        if self._pending is not None:
+            self._apply_pending(device)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember where the epoch started (epoch-interval schedulers step at epoch ends)."""
+        self._epoch_start_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        """After an optimizer step: record, and maybe jump."""
+        step = trainer.global_step
+        if step == self._last_step:  # gradient accumulation: no optimizer step happened
+            return
+        self._last_step = step
+        jump = self.should_jump(step)
+        if jump or self.should_record(step):
+            self._record(trainer, step)
+        if jump and len(self.buffer) >= self.min_snapshots:
+            self._jump(trainer, pl_module, step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Drop the cached evaluation batches."""
+        self._eval_cache = None
+
+    # ------------------------------------------------------------- recording
+    def _record(self, trainer: pl.Trainer, step: int) -> None:
+        start = time.perf_counter()
+        opt = trainer.optimizers[0]
+        spec = self._spec
+        dev, dt = self.buffer.device, self.buffer.dtype
+        self.buffer.append(
+            Snapshot(
+                step=step,
+                weights=spec.flatten(device=dev, dtype=dt),
+                state=read_state(opt, spec, self._dyn.state_names, device=dev, dtype=dt),
+                lrs=torch.tensor([float(g["lr"]) for g in opt.param_groups], dtype=torch.float64),
+                opt_step=step_count(opt, spec),
+            )
+        )
+        self.record_seconds += time.perf_counter() - start
+
+    # ----------------------------------------------------------------- jumps
+    def _total_steps(self, trainer: pl.Trainer) -> int | None:
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        est = trainer.estimated_stepping_batches
+        return int(est) if math.isfinite(est) else None
+
+    def _lr_steps(self, trainer: pl.Trainer, step: int, horizon: int) -> Tensor:
+        opt = trainer.optimizers[0]
+        configs = trainer.lr_scheduler_configs
+        if not configs:
+            return lr_by_step(future_learning_rates(opt, None, 0), horizon, 1)
+        cfg = configs[0]
+        if cfg.interval == "step":
+            every, offset = cfg.frequency, step % cfg.frequency
+        else:
+            per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+            every, offset = per_epoch * cfg.frequency, step - self._epoch_start_step
+        try:
+            calls = future_learning_rates(opt, cfg.scheduler, calls_needed(horizon, every, offset))
+        except Exception:  # a scheduler that cannot be replayed (e.g. ReduceLROnPlateau): hold the lr
+            calls = future_learning_rates(opt, None, 0)
+        return lr_by_step(calls, horizon, every, offset)
+
+    def _horizons(self, trainer: pl.Trainer, step: int, win: Window) -> list[int]:
+        far = self.horizon or int(self.field_config.span * win.interval)
+        total = self._total_steps(trainer)
+        if total is not None:
+            far = min(far, total - step)
+        return sorted({round(far * (i + 1) / self.n_candidates) for i in range(self.n_candidates)} - {0})
+
+    def _jump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        start = time.perf_counter()
+        spec, dyn, device = self._spec, self._dyn, pl_module.device
+        win = Window.from_buffer(self.buffer, spec, dyn.state_names, self._total_steps(trainer))
+        horizons = self._horizons(trainer, step, win)
+        if not horizons:
+            return
+        fit_loss = float("nan")
+        if self.fit_steps:
+            report = fit_field(
+                self.field, self._field_opt, win, dyn, steps=self.fit_steps, batch=self.fit_batch,
+                seed=self.seed + step, max_seconds=self.fit_seconds, device=device,
+            )
+            fit_loss = report.loss_end
+        use, bt_fit, bt_prior = self.field, float("nan"), float("nan")
+        if self.backtest:
+            prior = self._prior(device)
+            bt_fit = backtest_error(self.field, win, dyn, self.backtest, self.solver, device)
+            bt_prior = backtest_error(prior, win, dyn, self.backtest, self.solver, device)
+            if not bt_fit <= bt_prior:
+                use = prior
+        path = forecast(
+            use, win, dyn, self._lr_steps(trainer, step, horizons[-1]), horizons, solver=self.solver,
+            chunk_size=self.chunk_size, device=device, out_device=device,
+        )
+        decision = choose_and_apply(
+            spec, path, lambda: self._evaluate(trainer, pl_module), mode=self.mode, min_delta=self.min_delta
+        )
+        self._sync_weights(trainer)
+        accepted = decision.outcome is JumpOutcome.ACCEPTED
+        if accepted:
+            k = decision.index
+            opt = trainer.optimizers[0]
+            apply_state_policy(opt, spec, self.optimizer_state, path, k)
+            dstate = None
+            if self.optimizer_state is StatePolicy.FORECAST:
+                dstate = {n: v[k] - v[0] for n, v in path.state.items()}
+            self.buffer.translate_(path.weights[k] - path.weights[0], dstate)
+            if self.optimizer_state is StatePolicy.RESET:
+                self.buffer.clear()
+                self._record(trainer, step)
+        after = decision.metrics[decision.index - 1] if accepted else decision.metric_before
+        record = JumpRecord(
+            step=step,
+            horizon=path.horizons[decision.index] if accepted else 0,
+            accepted=accepted,
+            metric_before=decision.metric_before,
+            metric_after=after,
+            outcome=decision.outcome.value,
+            seconds=time.perf_counter() - start,
+            candidates=[(h, m) for h, m in zip(path.horizons[1:], decision.metrics)],
+            fit_loss=fit_loss,
+            backtest_fitted=bt_fit,
+            backtest_prior=bt_prior,
+        )
+        self.jumps.append(record)
+        self._log(trainer, record)
+
+    def _prior(self, device) -> GradientField:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return GradientField(self.field_config).to(device)
+
+    def _sync_weights(self, trainer: pl.Trainer) -> None:
+        # Every rank computed the same forecast from the same snapshots; broadcasting rank 0's weights with a
+        # tensor collective makes "identical weights on every rank" hold even against float nondeterminism.
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            with torch.no_grad():
+                for p in self._spec.params:
+                    torch.distributed.broadcast(p.data, src=0)
+
+    # ------------------------------------------------------------ evaluation
+    def _eval_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list, str]:
+        if self._eval_cache is not None:
+            return self._eval_cache
+        loaders, step_name = None, "validation_step"
+        if is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0:
+            if trainer.val_dataloaders is None:
+                trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            loaders = trainer.val_dataloaders
+        if not loaders:
+            loaders, step_name = trainer.train_dataloader, "training_step"
+        if isinstance(loaders, list | tuple):
+            loaders = loaders[0]
+        if isinstance(loaders, dict):
+            loaders = next(iter(loaders.values()))
+        batches = []
+        with torch.random.fork_rng(devices=[]):  # iterating a shuffled loader must not move the user's RNG
+            for i, batch in enumerate(loaders):
+                if i >= self.eval_batches:
+                    break
+                batches.append(trainer.strategy.batch_to_device(batch))
+        if not batches:
+            raise ValueError("GFMCallback found no batch to evaluate candidates on (the loader is empty).")
+        self._eval_cache = (batches, step_name)
+        return self._eval_cache
+
+    @torch.no_grad()
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        batches, step_name = self._eval_data(trainer, pl_module)
+        total = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
+        with _quiet_evaluation(pl_module) as logs:
+            for i, batch in enumerate(batches):
+                logs.batch_size = _batch_size(batch)
+                out = getattr(pl_module, step_name)(batch, i)
+                if step_name == "training_step" and self.monitor not in logs.values:
+                    loss = out["loss"] if isinstance(out, dict) else out
+                    logs.add("__loss__", loss)
+            name = self.monitor if (self.monitor in logs.values or self.monitor in logs.metrics) else "__loss__"
+            if name not in logs.values and name not in logs.metrics:
+                logged = sorted(set(logs.values) | set(logs.metrics))
+                raise ValueError(
+                    f"GFMCallback(monitor={self.monitor!r}): `{step_name}` did not log {self.monitor!r} "
+                    f"(it logged {logged}). Log it with `self.log({self.monitor!r}, ...)` or set `monitor`."
+                )
+            if name in logs.metrics:
+                total[0], total[1] = float(logs.metrics[name].compute()), 1.0
+            else:
+                for value, weight in logs.values[name]:
+                    total[0] += value * weight
+                    total[1] += weight
+        total = trainer.strategy.reduce(total, reduce_op="sum") if trainer.world_size > 1 else total
+        return float(total[0] / total[1])
+
+    # --------------------------------------------------------------- logging
+    def _log(self, trainer: pl.Trainer, record: JumpRecord) -> None:
+        accepted = sum(j.accepted for j in self.jumps)
+        metrics = {
+            "gfm/accepted": float(record.accepted),
+            "gfm/horizon": float(record.horizon),
+            "gfm/metric_before": record.metric_before,
+            "gfm/metric_after": record.metric_after,
+            "gfm/jump_seconds": record.seconds,
+            "gfm/fit_loss": record.fit_loss,
+            "gfm/backtest_fitted": record.backtest_fitted,
+            "gfm/backtest_prior": record.backtest_prior,
+            "gfm/jumps_accepted": float(accepted),
+            "gfm/jumps_rolled_back": float(len(self.jumps) - accepted),
+            "gfm/buffer_mb": self.buffer.nbytes / 2**20,
+            "gfm/record_seconds": self.record_seconds,
+        }
+        for logger in trainer.loggers:
+            try:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            except Exception as err:  # a failing logger must never stop training
+                if not self._logger_failed:
+                    rank_zero_warn(f"GFMCallback: logger {type(logger).__name__} failed ({err!r}); continuing.")
+                    self._logger_failed = True
+
+    # ------------------------------------------------------------ field I/O
+    def save_field(self, path: str | os.PathLike, trained_on: str = "") -> None:
+        """Export the fitted field (safetensors) so a later run can start from it with ``field=path``."""
+        if self.field is None:
+            raise RuntimeError("No field to save yet: the callback builds its field when `fit` starts.")
+        save_field(self.field, path, trained_on=trained_on)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Window, field, field optimizer, counters and jump records: tensors and plain values only."""
+        return {
+            "version": 1,
+            "buffer": self.buffer.state_dict(),
+            "field": None if self.field is None else {k: v.cpu() for k, v in self.field.state_dict().items()},
+            "field_config": self.field_config.to_dict(),
+            "field_optimizer": None if self._field_opt is None else self._field_opt.state_dict(),
+            "jumps": [asdict(j) for j in self.jumps],
+            "last_step": self._last_step,
+            "epoch_start_step": self._epoch_start_step,
+            "record_seconds": self.record_seconds,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; the field is rebuilt when fit starts."""
+        self.buffer.load_state_dict(state_dict.get("buffer", {}))
+        self.jumps = [JumpRecord(**j) for j in state_dict.get("jumps", [])]
+        self._last_step = state_dict.get("last_step", -1)
+        self._epoch_start_step = state_dict.get("epoch_start_step", 0)
+        self.record_seconds = state_dict.get("record_seconds", 0.0)
+        self._pending = state_dict
+
+    def _apply_pending(self, device) -> None:
+        pending, self._pending = self._pending, None
+        if pending.get("field") is not None:
+            config = FieldConfig(**pending["field_config"])
+            if config != self.field.config:
+                self.field = GradientField(config).to(device)
+                self.field_config = config
+                self._field_opt = torch.optim.Adam(self.field.parameters(), lr=3e-3)
+            self.field.load_state_dict(pending["field"])
+            if pending.get("field_optimizer") is not None:
+                self._field_opt.load_state_dict(pending["field_optimizer"])
+
+
+class _LogCapture:
+    """Stands in for ``LightningModule.log``/``log_dict`` while candidates are evaluated."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[tuple[float, float]]] = {}
+        self.metrics: dict[str, Any] = {}
+        self.batch_size = 1.0
+
+    def add(self, name: str, value: Any, batch_size: float | None = None) -> None:
+        from torchmetrics import Metric
+
+        if isinstance(value, Metric):
+            self.metrics[name] = value
+            return
+        value = float(value.detach().float().mean()) if isinstance(value, Tensor) else float(value)
+        self.values.setdefault(name, []).append((value, float(batch_size or self.batch_size)))
+
+    def log(self, name: str, value: Any, *args, batch_size: int | None = None, **kwargs) -> None:
+        self.add(name, value, batch_size)
+
+    def log_dict(self, dictionary: dict, *args, batch_size: int | None = None, **kwargs) -> None:
+        for name, value in dictionary.items():
+            self.add(name, value, batch_size)
+
+
+def _batch_size(batch: Any) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return float(extract_batch_size(batch))
+        except Exception:
+            return 1.0
+
+
+@contextlib.contextmanager
+def _quiet_evaluation(module: pl.LightningModule):
+    """Eval mode, logging captured, torchmetrics states saved; everything restored on exit."""
+    from torchmetrics import Metric
+
+    modes = {m: m.training for m in module.modules()}
+    metric_states = {}
+    for m in module.modules():
+        if isinstance(m, Metric):
+            metric_states[m] = {
+                k: (v.clone() if isinstance(v, Tensor) else [t.clone() for t in v]) for k, v in m.metric_state.items()
+            }, m._update_count, m._computed
+    capture = _LogCapture()
+    module.log, module.log_dict = capture.log, capture.log_dict
+    module.eval()
+    try:
+        yield capture
+    finally:
+        del module.log, module.log_dict
+        for m, training in modes.items():
+            m.training = training
+        for m, (state, count, computed) in metric_states.items():
+            for k, v in state.items():
+                setattr(m, k, v)
+            m._update_count, m._computed = count, computed

@@ -1,0 +1,396 @@
+"""Optimizer-aware dynamics: the optimizer's own update rule, in continuous time.
+
+Time is measured in optimizer steps. For a gradient surrogate ``g`` (shape ``(P,)``) the derivative of the ODE
+state ``(w, optimizer state)`` is the change one optimizer step would make, so integrating from ``s`` to
+``s + 1`` with Euler is exactly one optimizer step. Hyperparameters are read from the live optimizer's
+``param_groups``; the learning rate along a forecast comes from :func:`future_learning_rates`, which replays the
+scheduler on a copy and leaves the real one untouched.
+
+Supported families (anything else raises, unless ``generic=True`` is asked for):
+
+==================  ==================================  ============================================
+optimizer           ODE state besides ``w``             gradient estimate at the anchor
+==================  ==================================  ============================================
+SGD                 none                                implied by the last observed velocity
+SGD + momentum      ``momentum_buffer``                 steady state of the buffer
+Adam / AdamW        ``exp_avg``, ``exp_avg_sq``         bias-corrected first moment
+RMSprop             ``square_avg`` (+ buffer, + mean)   steady state of the buffer, or the velocity
+generic (opt-in)    none                                ``dw/ds = -lr * g`` (an SGD-shaped fallback)
+==================  ==================================  ============================================
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from lightning_gfm.params import ParamSpec
+
+SUPPORTED = ("SGD", "Adam", "AdamW", "RMSprop")
+_TINY = 1e-12
+
+
+class Dynamics(ABC):
+    """One optimizer family. Hyperparameters are per-scalar tensors of shape ``(P,)`` built from param groups.
+
+    Args:
+        hyper: name -> per-group values, each a list with one entry per param group.
+        group_index: param group of every scalar, shape ``(P,)``.
+    """
+
+    #: keys of ``optimizer.state[p]`` carried in the ODE state, in order.
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, hyper: dict[str, list[float]], group_index: Tensor) -> None:
+        self.hyper = hyper
+        self.group_index = group_index
+        self._expanded: dict[str, Tensor] = {}
+
+    def h(self, name: str, like: Tensor) -> Tensor:
+        """Hyperparameter ``name`` for every scalar, on ``like``'s device and dtype, shape ``(P,)``."""
+        key = f"{name}/{like.device}/{like.dtype}/{like.numel()}"
+        if key not in self._expanded:
+            table = torch.tensor(self.hyper[name], dtype=like.dtype, device=like.device)
+            self._expanded[key] = table[self.group_index.to(like.device)]
+        return self._expanded[key]
+
+    def restrict(self, index: Tensor) -> Dynamics:
+        """The same dynamics for the subset ``index`` of scalars (used for chunked integration)."""
+        clone = copy.copy(self)
+        clone.group_index = self.group_index[index.to(self.group_index.device)]
+        clone._expanded = {}
+        return clone
+
+    @property
+    def max_step(self) -> float:
+        """Largest stable integration step, in optimizer steps (the fastest state relaxes at ``1/max_step``)."""
+        return 8.0
+
+    @abstractmethod
+    def velocity(self, w: Tensor, state: dict[str, Tensor], g: Tensor, lr: Tensor, k: Tensor | float) -> tuple:
+        """Time derivative of the ODE state.
+
+        Args:
+            w: weights, shape ``(P,)``.
+            state: optimizer state, each shape ``(P,)``.
+            g: gradient surrogate of the loss (weight decay is added here), shape ``(P,)``.
+            lr: learning rate of every scalar at this time, shape ``(P,)``.
+            k: optimizer step count at this time (for bias correction).
+
+        Returns:
+            ``(dw, dstate)``: shape ``(P,)`` and a dict like ``state``.
+        """
+
+    @abstractmethod
+    def gradient_estimate(self, w: Tensor, state: dict[str, Tensor], u: Tensor, lr: Tensor, k: float) -> Tensor:
+        """Loss gradient implied at the anchor by the optimizer state or the last velocity ``u``, shape ``(P,)``."""
+
+    @abstractmethod
+    def gradient_scale(self, state: dict[str, Tensor], u_rms: Tensor, lr: Tensor, k: float) -> Tensor:
+        """Typical gradient magnitude of every scalar, shape ``(P,)``; the field predicts in these units."""
+
+    def direction(self, state: dict[str, Tensor], g_scale: Tensor, k: float) -> Tensor:
+        """Normalised update direction the optimizer state points to (a feature of the field), shape ``(P,)``."""
+        return torch.zeros_like(g_scale)
+
+    def _coupled(self, g: Tensor, w: Tensor) -> Tensor:
+        return g + self.h("weight_decay", w) * w
+
+    def _sign(self, g: Tensor) -> Tensor:
+        return -g if self.hyper.get("maximize", [0.0])[0] else g
+
+
+class SGDDynamics(Dynamics):
+    """Plain SGD: ``dw/ds = -lr (g + wd w)``."""
+
+    def velocity(self, w, state, g, lr, k):
+        return -lr * self._coupled(self._sign(g), w), {}
+
+    def gradient_estimate(self, w, state, u, lr, k):
+        return self._sign(-u / lr.clamp_min(_TINY)) - self.h("weight_decay", w) * w
+
+    def gradient_scale(self, state, u_rms, lr, k):
+        return u_rms / lr.clamp_min(_TINY) + _TINY
+
+
+class MomentumDynamics(Dynamics):
+    """SGD with (Nesterov) momentum: the buffer ``b`` is ODE state, ``b' = mu b + (1 - dampening) g'``."""
+
+    state_names = ("momentum_buffer",)
+
+    @property
+    def max_step(self) -> float:
+        return 1.0 / (1.0 - max(self.hyper["momentum"]))
+
+    def velocity(self, w, state, g, lr, k):
+        mu, damp = self.h("momentum", w), self.h("dampening", w)
+        gp = self._coupled(self._sign(g), w)
+        b = state["momentum_buffer"]
+        b_next = mu * b + (1 - damp) * gp
+        step = gp + mu * b_next if self.hyper["nesterov"][0] else b_next
+        return -lr * step, {"momentum_buffer": b_next - b}
+
+    def gradient_estimate(self, w, state, u, lr, k):
+        mu, damp = self.h("momentum", w), self.h("dampening", w)
+        gp = state["momentum_buffer"] * (1 - mu) / (1 - damp).clamp_min(_TINY)
+        return self._sign(gp - self.h("weight_decay", w) * w)
+
+    def gradient_scale(self, state, u_rms, lr, k):
+        mu = self.h("momentum", u_rms)
+        return u_rms * (1 - mu) / lr.clamp_min(_TINY) + _TINY
+
+    def direction(self, state, g_scale, k):
+        mu = self.h("momentum", g_scale)
+        return state["momentum_buffer"] * (1 - mu) / g_scale
+
+
+class AdamDynamics(Dynamics):
+    """Adam and AdamW: both moments are ODE state, with bias correction and coupled or decoupled decay."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    @property
+    def max_step(self) -> float:
+        return 1.0 / (1.0 - max(self.hyper["beta1"]))
+
+    def _hat(self, m: Tensor, v: Tensor, k: float, like: Tensor) -> tuple[Tensor, Tensor]:
+        b1, b2 = self.h("beta1", like), self.h("beta2", like)
+        k = torch.as_tensor(k, dtype=like.dtype, device=like.device).clamp_min(1.0)
+        return m / (1 - b1**k), v / (1 - b2**k)
+
+    def velocity(self, w, state, g, lr, k):
+        b1, b2, eps = self.h("beta1", w), self.h("beta2", w), self.h("eps", w)
+        decoupled = self.h("decoupled", w)
+        wd = self.h("weight_decay", w)
+        gp = self._sign(g) + (1 - decoupled) * wd * w
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m_next = b1 * m + (1 - b1) * gp
+        v_next = b2 * v + (1 - b2) * gp * gp
+        m_hat, v_hat = self._hat(m_next, v_next, k + 1, w)
+        dw = -lr * (m_hat / (v_hat.clamp_min(0).sqrt() + eps) + decoupled * wd * w)
+        return dw, {"exp_avg": m_next - m, "exp_avg_sq": v_next - v}
+
+    def gradient_estimate(self, w, state, u, lr, k):
+        m_hat, _ = self._hat(state["exp_avg"], state["exp_avg_sq"], k, w)
+        coupled = (1 - self.h("decoupled", w)) * self.h("weight_decay", w)
+        return self._sign(m_hat - coupled * w)
+
+    def gradient_scale(self, state, u_rms, lr, k):
+        _, v_hat = self._hat(state["exp_avg"], state["exp_avg_sq"], k, u_rms)
+        return v_hat.clamp_min(0).sqrt() + self.h("eps", u_rms)
+
+    def direction(self, state, g_scale, k):
+        m_hat, _ = self._hat(state["exp_avg"], state["exp_avg_sq"], k, g_scale)
+        return m_hat / g_scale
+
+
+class RMSpropDynamics(Dynamics):
+    """RMSprop: ``square_avg`` is ODE state, plus ``momentum_buffer`` and ``grad_avg`` when used."""
+
+    def __init__(self, hyper, group_index):
+        super().__init__(hyper, group_index)
+        names = ["square_avg"]
+        if max(hyper["momentum"]) > 0:
+            names.append("momentum_buffer")
+        if hyper["centered"][0]:
+            names.append("grad_avg")
+        self.state_names = tuple(names)
+
+    @property
+    def max_step(self) -> float:
+        mu = max(self.hyper["momentum"])
+        return 1.0 / (1.0 - mu) if mu > 0 else 1.0 / (1.0 - max(self.hyper["alpha"]))
+
+    def _avg(self, v: Tensor, ga: Tensor | None, eps: Tensor) -> Tensor:
+        var = v - ga * ga if ga is not None else v
+        return var.clamp_min(0).sqrt() + eps
+
+    def velocity(self, w, state, g, lr, k):
+        alpha, eps = self.h("alpha", w), self.h("eps", w)
+        gp = self._coupled(self._sign(g), w)
+        v = state["square_avg"]
+        d = {"square_avg": (1 - alpha) * (gp * gp - v)}
+        ga_next = None
+        if "grad_avg" in state:
+            ga_next = alpha * state["grad_avg"] + (1 - alpha) * gp
+            d["grad_avg"] = ga_next - state["grad_avg"]
+        avg = self._avg(v + d["square_avg"], ga_next, eps)
+        if "momentum_buffer" in state:
+            b = state["momentum_buffer"]
+            b_next = self.h("momentum", w) * b + gp / avg
+            d["momentum_buffer"] = b_next - b
+            return -lr * b_next, d
+        return -lr * gp / avg, d
+
+    def gradient_estimate(self, w, state, u, lr, k):
+        avg = self._avg(state["square_avg"], state.get("grad_avg"), self.h("eps", w))
+        if "momentum_buffer" in state:
+            gp = state["momentum_buffer"] * (1 - self.h("momentum", w)) * avg
+        else:
+            gp = -u * avg / lr.clamp_min(_TINY)
+        return self._sign(gp) - self.h("weight_decay", w) * w
+
+    def gradient_scale(self, state, u_rms, lr, k):
+        return self._avg(state["square_avg"], state.get("grad_avg"), self.h("eps", u_rms))
+
+    def direction(self, state, g_scale, k):
+        if "momentum_buffer" in state:
+            return state["momentum_buffer"] * (1 - self.h("momentum", g_scale))
+        if "grad_avg" in state:
+            return state["grad_avg"] / g_scale
+        return torch.zeros_like(g_scale)
+
+
+class GenericDynamics(SGDDynamics):
+    """Opt-in fallback for other optimizers: SGD-shaped, ``dw/ds = -lr g``, the field learns ``g`` outright."""
+
+    def _coupled(self, g: Tensor, w: Tensor) -> Tensor:
+        return g
+
+
+def _groups(optimizer: torch.optim.Optimizer, keys: dict[str, object]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in keys}
+    for group in optimizer.param_groups:
+        for k, default in keys.items():
+            out[k].append(float(group.get(k, default)))
+    return out
+
+
+def dynamics_for(optimizer: torch.optim.Optimizer, spec: ParamSpec, generic: bool = False) -> Dynamics:
+    """Build the dynamics of ``optimizer``'s family, reading every hyperparameter from its param groups.
+
+    Args:
+        optimizer: the live torch optimizer (not a Lightning wrapper).
+        spec: the tracked parameters.
+        generic: use :class:`GenericDynamics` for optimizers outside :data:`SUPPORTED` instead of raising.
+
+    Raises:
+        ValueError: unsupported optimizer or option (AMSGrad, RMSprop with ``centered`` and momentum mixed).
+    """
+    gidx = spec.group_index()
+    name = type(optimizer).__name__
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        if any(g.get("amsgrad", False) for g in optimizer.param_groups):
+            raise ValueError("`amsgrad=True` is not supported by GFM's Adam dynamics; use `amsgrad=False`.")
+        hyper = _groups(optimizer, {"weight_decay": 0.0, "eps": 1e-8, "maximize": 0.0})
+        hyper["beta1"] = [float(g["betas"][0]) for g in optimizer.param_groups]
+        hyper["beta2"] = [float(g["betas"][1]) for g in optimizer.param_groups]
+        is_w = isinstance(optimizer, torch.optim.AdamW)
+        hyper["decoupled"] = [float(g.get("decoupled_weight_decay", is_w) or is_w) for g in optimizer.param_groups]
+        return AdamDynamics(hyper, gidx)
+    if isinstance(optimizer, torch.optim.SGD):
+        hyper = _groups(
+            optimizer, {"weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0, "nesterov": 0.0, "maximize": 0.0}
+        )
+        if max(hyper["momentum"]) > 0:
+            return MomentumDynamics(hyper, gidx)
+        return SGDDynamics(hyper, gidx)
+    if isinstance(optimizer, torch.optim.RMSprop):
+        hyper = _groups(
+            optimizer,
+            {"weight_decay": 0.0, "momentum": 0.0, "alpha": 0.99, "eps": 1e-8, "centered": 0.0, "maximize": 0.0},
+        )
+        return RMSpropDynamics(hyper, gidx)
+    if generic:
+        return GenericDynamics(_groups(optimizer, {"maximize": 0.0, "weight_decay": 0.0}), gidx)
+    raise ValueError(
+        f"GFM has optimizer-aware dynamics for {', '.join(SUPPORTED)} (torch.optim); got `{name}`. "
+        "Use one of those, or pass `generic_dynamics=True` to GFMCallback for an SGD-shaped fallback in which "
+        "the field learns the update direction without knowing the optimizer's preconditioning."
+    )
+
+
+def read_state(optimizer: torch.optim.Optimizer, spec: ParamSpec, names, device=None, dtype=None) -> dict:
+    """Flatten the optimizer state ``names`` of every tracked parameter; absent entries read as zeros.
+
+    Returns:
+        name -> tensor of shape ``(P,)``.
+    """
+    out = {}
+    for name in names:
+        parts = []
+        for p in spec.params:
+            t = optimizer.state.get(p, {}).get(name)
+            parts.append(torch.zeros_like(p) if t is None else t)
+        out[name] = spec.flatten(parts, device=device, dtype=dtype)
+    return out
+
+
+@torch.no_grad()
+def write_state(optimizer: torch.optim.Optimizer, spec: ParamSpec, state: dict[str, Tensor]) -> None:
+    """Copy flat state tensors (shape ``(P,)``) into ``optimizer.state`` in place where the entry exists."""
+    for name, flat in state.items():
+        for p, view in zip(spec.params, spec.unflatten(flat)):
+            t = optimizer.state.get(p, {}).get(name)
+            if t is not None:
+                t.copy_(view)
+
+
+def step_count(optimizer: torch.optim.Optimizer, spec: ParamSpec) -> int:
+    """The optimizer's own step counter (Adam's ``step``), or 0 where it keeps none."""
+    for p in spec.params:
+        step = optimizer.state.get(p, {}).get("step")
+        if step is not None:
+            return int(step.item() if isinstance(step, Tensor) else step)
+    return 0
+
+
+def future_learning_rates(optimizer: torch.optim.Optimizer, scheduler, n_calls: int) -> Tensor:
+    """Learning rates after each of the next ``n_calls`` ``scheduler.step()`` calls, without disturbing it.
+
+    The scheduler is deep-copied onto a stand-in optimizer that holds one dummy tensor per param group, and the
+    copy is stepped. The real scheduler, optimizer and parameters are never touched.
+
+    Args:
+        optimizer: the optimizer the scheduler drives.
+        scheduler: a ``torch.optim.lr_scheduler`` object, or ``None`` (constant learning rate).
+        n_calls: how many future scheduler steps to replay.
+
+    Returns:
+        Shape ``(n_calls + 1, G)``: row 0 is the current learning rate of each of the ``G`` groups.
+    """
+    now = torch.tensor([float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float64)
+    if scheduler is None or n_calls <= 0 or not hasattr(scheduler, "get_last_lr"):
+        return now.expand(max(n_calls, 0) + 1, -1).clone()
+    stand_in = torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    stand_in.param_groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [torch.zeros(1)]} for g in optimizer.param_groups
+    ]
+    stand_in.state = {}  # type: ignore[assignment]
+    shadow = copy.deepcopy(scheduler, memo={id(optimizer): stand_in})
+    rows = [now]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(n_calls):
+            shadow.step()
+            rows.append(torch.tensor([float(g["lr"]) for g in stand_in.param_groups], dtype=torch.float64))
+    return torch.stack(rows)
+
+
+def lr_by_step(
+    lr_calls: Tensor, horizon: int, every: int, offset: int = 0
+) -> Tensor:
+    """Expand per-scheduler-call learning rates to one row per future optimizer step.
+
+    Args:
+        lr_calls: ``(n_calls + 1, G)`` from :func:`future_learning_rates`.
+        horizon: number of future optimizer steps wanted.
+        every: optimizer steps between two scheduler calls (``1`` for ``interval="step"``).
+        offset: optimizer steps already done since the last scheduler call.
+
+    Returns:
+        Shape ``(horizon + 1, G)``; row ``s`` is the learning rate used by the ``s``-th next step.
+    """
+    s = torch.arange(horizon + 1)
+    idx = ((s + offset) // max(every, 1)).clamp_max(lr_calls.shape[0] - 1)
+    return lr_calls[idx]
+
+
+def calls_needed(horizon: int, every: int, offset: int = 0) -> int:
+    """Number of scheduler calls that :func:`lr_by_step` needs for ``horizon`` steps."""
+    return int(math.ceil((horizon + offset + 1) / max(every, 1)))

@@ -1,0 +1,79 @@
+"""Save and load fitted fields as safetensors files: tensors plus JSON metadata, never executable code."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from lightning_gfm.flow.field import FieldConfig, GradientField
+
+FORMAT = "lightning-gfm-field"
+VERSION = 1
+
+__all__ = ["FORMAT", "VERSION", "load_field", "save_field"]
+
+
+def save_field(field: GradientField, path: str | os.PathLike, trained_on: str = "") -> Path:
+    """Write ``field`` to ``path`` (safetensors) with its format version, shape and provenance.
+
+    Args:
+        field: the field to save.
+        path: destination file.
+        trained_on: free text saying what the field was fitted on.
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in field.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "config": json.dumps(field.config.to_dict()),
+        "trained_on": trained_on,
+    }
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_field(path: str | os.PathLike, device: str | torch.device = "cpu") -> GradientField:
+    """Load a field saved by :func:`save_field`. Only tensors and JSON are read; nothing is unpickled.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a lightning-gfm field (a pickle, another safetensors file, a newer format).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`field` file not found: {str(path)!r}.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    except Exception as err:
+        raise ValueError(
+            f"`field` must be a safetensors file written by lightning-gfm; {str(path)!r} is not readable as "
+            f"safetensors ({type(err).__name__}). Pickled checkpoints are refused: loading them could run code."
+        ) from err
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is a safetensors file but not a lightning-gfm field (format={meta.get('format')!r}).")
+    if int(meta.get("version", "0")) > VERSION:
+        raise ValueError(
+            f"{str(path)!r} has field format version {meta['version']}; this lightning-gfm reads up to {VERSION}. "
+            "Upgrade lightning-gfm."
+        )
+    config = FieldConfig(**json.loads(meta["config"]))
+    field = GradientField(config)
+    try:
+        field.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise ValueError(f"{str(path)!r} does not match its own config {config}: {err}") from err
+    return field.to(device)

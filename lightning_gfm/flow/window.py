@@ -1,0 +1,220 @@
+"""The recorded window as tensors, the anchor context, and the optimizer-aware vector field they define.
+
+Notation (shared by fitting and forecasting): snapshots ``0..K-1`` at steps ``s_k``; velocities
+``u_k = (w_{k+1} - w_k) / (s_{k+1} - s_k)``, shape ``(K-1, P)``; an *anchor* ``a`` is the snapshot a forecast
+starts from; ``tau`` is time since the anchor in record intervals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from lightning_gfm.dynamics import Dynamics
+from lightning_gfm.flow.field import GradientField, dynamic_features, static_features
+from lightning_gfm.params import ParamSpec, per_tensor_rms
+from lightning_gfm.trajectory import TrajectoryBuffer
+
+
+@dataclass
+class Window:
+    """Tensors of a recorded window (on the buffer's device, float32).
+
+    Attributes:
+        steps: global step of each snapshot, shape ``(K,)`` (float64).
+        w: weights, shape ``(K, P)``.
+        state: optimizer state by name, each ``(K, P)``.
+        lrs: learning rate of each group, shape ``(K, G)`` (float64).
+        opt_steps: optimizer step counter of each snapshot, shape ``(K,)``.
+        u: velocities between consecutive snapshots, shape ``(K-1, P)``.
+        u_rms: RMS velocity of each scalar over the window, shape ``(P,)``.
+        u_rms_tensor: RMS of ``u_rms`` within each scalar's tensor, shape ``(P,)``.
+        w_rms_tensor: RMS of the weights within each tensor, per snapshot, shape ``(K, n_tensors)``.
+        roles, tensor_index, group_index: per-scalar indices, shape ``(P,)``.
+        interval: median steps between snapshots.
+        progress: fraction of planned training done at each snapshot, shape ``(K,)`` (zeros when unknown).
+    """
+
+    steps: Tensor
+    w: Tensor
+    state: dict[str, Tensor]
+    lrs: Tensor
+    opt_steps: Tensor
+    u: Tensor
+    u_rms: Tensor
+    u_rms_tensor: Tensor
+    w_rms_tensor: Tensor
+    roles: Tensor
+    tensor_index: Tensor
+    group_index: Tensor
+    interval: float
+    progress: Tensor
+
+    @classmethod
+    def from_buffer(
+        cls, buffer: TrajectoryBuffer, spec: ParamSpec, state_names, total_steps: int | None = None
+    ) -> Window:
+        """Build the window from ``buffer``; needs at least two snapshots."""
+        if len(buffer) < 2:
+            raise ValueError(f"A window needs at least 2 snapshots, the buffer holds {len(buffer)}.")
+        dev = buffer.device
+        steps = torch.tensor(buffer.steps, dtype=torch.float64)
+        w = buffer.weights(device=dev)
+        dt = (steps[1:] - steps[:-1]).to(torch.float32).to(dev).unsqueeze(1)
+        u = (w[1:] - w[:-1]) / dt
+        tindex = spec.tensor_index(dev)
+        n = len(spec.params)
+        u_rms = (u.pow(2).mean(0) + 1e-30).sqrt()
+        w_rms = torch.stack([per_tensor_rms(row, tindex, n, 1e-12) for row in w])
+        # per_tensor_rms broadcasts to scalars; keep one value per tensor
+        first = torch.tensor(spec.offsets[:-1], device=dev)
+        progress = steps / total_steps if total_steps else torch.zeros_like(steps)
+        return cls(
+            steps=steps,
+            w=w,
+            state={name: buffer.state(name, device=dev) for name in state_names},
+            lrs=buffer.lrs(),
+            opt_steps=torch.tensor([buffer[i].opt_step for i in range(len(buffer))], dtype=torch.float64),
+            u=u,
+            u_rms=u_rms,
+            u_rms_tensor=per_tensor_rms(u_rms, tindex, n, 1e-30),
+            w_rms_tensor=w_rms[:, first],
+            roles=spec.role_index(dev),
+            tensor_index=tindex,
+            group_index=spec.group_index(dev),
+            interval=float((steps[1:] - steps[:-1]).median()),
+            progress=progress.clamp(0, 1).to(torch.float32),
+        )
+
+    def head(self, n: int) -> Window:
+        """The window of the first ``n`` snapshots (scales stay those of the whole window)."""
+        if not 2 <= n <= self.K:
+            raise ValueError(f"`n` must be in [2, {self.K}], got {n}.")
+        return replace(
+            self, steps=self.steps[:n], w=self.w[:n], state={k: v[:n] for k, v in self.state.items()},
+            lrs=self.lrs[:n], opt_steps=self.opt_steps[:n], u=self.u[: n - 1], w_rms_tensor=self.w_rms_tensor[:n],
+            progress=self.progress[:n],
+        )
+
+    def recorded_lr_steps(self, start: int) -> Tensor:
+        """Per-step learning rates from snapshot ``start`` to the last, from the recorded ones, ``(n + 1, G)``."""
+        s = torch.arange(int(self.steps[-1] - self.steps[start]) + 1, dtype=torch.float64) + self.steps[start]
+        row = torch.searchsorted(self.steps, s, right=True) - 1
+        return self.lrs[row]
+
+    @property
+    def K(self) -> int:  # noqa: N802 - the maths' name
+        """Number of snapshots."""
+        return self.w.shape[0]
+
+    @property
+    def P(self) -> int:  # noqa: N802
+        """Number of tracked scalars."""
+        return self.w.shape[1]
+
+
+@dataclass
+class Context:
+    """What the field knows at an anchor, for a batch of ``B`` scalars (everything shape ``(B,)``).
+
+    Attributes:
+        w0: weights at the anchor.
+        state0: optimizer state at the anchor.
+        g0_norm: gradient estimate over ``g_scale``.
+        g_scale: gradient scale (the field's unit).
+        lr0: learning rate at the anchor.
+        k0: optimizer step counter at the anchor.
+        u_scale: velocity scale of each scalar (its RMS velocity, floored by a tenth of its tensor's).
+        static: static features, shape ``(B, n_static)``.
+        dynamics: the dynamics restricted to these scalars.
+        interval: steps between snapshots.
+    """
+
+    w0: Tensor
+    state0: dict[str, Tensor]
+    g0_norm: Tensor
+    g_scale: Tensor
+    lr0: Tensor
+    k0: Tensor
+    u_scale: Tensor
+    static: Tensor
+    dynamics: Dynamics
+    interval: float
+
+
+def anchor_context(
+    win: Window, dyn: Dynamics, anchor: Tensor | int, idx: Tensor, history: int, device=None
+) -> Context:
+    """Gather the anchor's context for scalars ``idx``.
+
+    Args:
+        win: the window.
+        dyn: dynamics over all ``P`` scalars.
+        anchor: anchor snapshot, an int or one per scalar (shape ``(B,)``); must be ``>= history``.
+        idx: scalar indices, shape ``(B,)``.
+        history: number of past velocities used.
+        device: where the context lives (the model's device).
+    """
+    a = torch.as_tensor(anchor, device=win.w.device)
+    if int(a.min()) < history:
+        raise ValueError(f"An anchor needs {history} earlier velocities; got anchor {int(a.min())}.")
+    i = idx.to(win.w.device)
+    d = dyn.restrict(i)
+
+    def g(t: Tensor) -> Tensor:
+        return t.to(device)
+
+    w0 = g(win.w[a, i])
+    state0 = {n: g(v[a, i]) for n, v in win.state.items()}
+    group = win.group_index[i]
+    lr0 = g(win.lrs.to(win.w.device)[a, group].float())
+    k0 = g(win.opt_steps.to(win.w.device)[a].float().expand_as(w0))
+    u_rms = g(win.u_rms[i])
+    hist = torch.stack([g(win.u[a - history + r, i]) for r in range(history)])
+    g0 = d.gradient_estimate(w0, state0, hist[-1], lr0, k0)
+    g_scale = d.gradient_scale(state0, u_rms, lr0, k0)
+    g0_norm = g0 / g_scale
+    static = static_features(
+        hist=hist,
+        u_rms=u_rms,
+        u_rms_tensor=g(win.u_rms_tensor[i]),
+        w=w0,
+        w_rms_tensor=g(win.w_rms_tensor[a, win.tensor_index[i]]),
+        g0_norm=g0_norm,
+        progress=g(win.progress.to(win.w.device)[a].float()),
+        roles=g(win.roles[i]),
+    )
+    u_scale = u_rms + 0.1 * g(win.u_rms_tensor[i])
+    return Context(
+        w0=w0, state0=state0, g0_norm=g0_norm, g_scale=g_scale, lr0=lr0, k0=k0, u_scale=u_scale, static=static,
+        dynamics=d, interval=win.interval,
+    )
+
+
+def field_velocity(
+    field: GradientField, ctx: Context, embedded: Tensor, tau: Tensor, w: Tensor, state: dict[str, Tensor],
+    lr: Tensor, k: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The optimizer-aware vector field: network -> gradient surrogate -> optimizer update rule.
+
+    Args:
+        field: the network.
+        ctx: anchor context of these ``B`` scalars.
+        embedded: ``field.embed(ctx.static)``, shape ``(B, hidden)``.
+        tau: time since the anchor in record intervals, shape ``(B,)`` or scalar.
+        w: current weights, shape ``(B,)``.
+        state: current optimizer state, each ``(B,)``.
+        lr: current learning rate, shape ``(B,)``.
+        k: current optimizer step counter, shape ``(B,)`` or scalar.
+
+    Returns:
+        ``(dw/ds, dstate/ds)`` per optimizer step.
+    """
+    dyn, interval = ctx.dynamics, ctx.interval
+    direction = dyn.direction(state, ctx.g_scale, k) if state else torch.zeros_like(w)
+    reach = ctx.u_scale * (field.config.span * interval)
+    dyn_feat = dynamic_features(tau / field.config.span, direction, lr / ctx.lr0.clamp_min(1e-30), (w - ctx.w0) / reach)
+    g = field(embedded, dyn_feat, ctx.g0_norm) * ctx.g_scale
+    return dyn.velocity(w, state, g, lr, k)

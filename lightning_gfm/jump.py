@@ -1,0 +1,170 @@
+"""Choose a point of the forecast path, accept it or roll back exactly, and settle the optimizer state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from lightning_gfm.dynamics import write_state
+from lightning_gfm.forecast import ForecastPath
+from lightning_gfm.params import ParamSpec
+
+
+class JumpOutcome(str, Enum):
+    """Why a jump ended the way it did."""
+
+    ACCEPTED = "accepted"
+    """The best candidate beat staying put by ``min_delta``; the weights moved there."""
+    ROLLED_BACK = "rolled_back"
+    """No candidate beat staying put; weights restored bit-exactly."""
+    NON_FINITE = "non_finite"
+    """Every candidate had a non-finite weight, state or metric; nothing was applied."""
+    NO_FORECAST = "no_forecast"
+    """The window was too short or the horizon empty; nothing was tried."""
+
+
+class StatePolicy(str, Enum):
+    """What happens to the optimizer state after an accepted jump.
+
+    * ``keep``: leave moments and buffers as they were at the anchor (the default; see the docs' measurement).
+    * ``reset``: forget the state, as if the optimizer started afresh at the new weights.
+    * ``forecast``: write the optimizer state the ODE carried to the chosen horizon.
+    """
+
+    KEEP = "keep"
+    RESET = "reset"
+    FORECAST = "forecast"
+
+
+@dataclass
+class JumpRecord:
+    """One attempted jump, as kept in ``GFMCallback.jumps`` and written to checkpoints.
+
+    Attributes:
+        step: global step at which it was tried.
+        horizon: steps ahead of the chosen point (0 when nothing was applied).
+        accepted: whether the weights moved.
+        metric_before: monitored metric at the current weights.
+        metric_after: monitored metric after the decision (equals ``metric_before`` when rolled back).
+        outcome: the reason, a :class:`JumpOutcome` value.
+        seconds: wall-clock of fitting, forecasting and evaluating.
+        candidates: ``(horizon, metric)`` of every evaluated point.
+        fit_loss: flow-matching loss of the field after this jump's fit (NaN when not fitted).
+        backtest_fitted: backtest relative error of the fitted field (1.0 = standing still; NaN when off).
+        backtest_prior: the same for the prior (constant-gradient) field; the better of the two forecasts.
+    """
+
+    step: int
+    horizon: int
+    accepted: bool
+    metric_before: float
+    metric_after: float
+    outcome: str
+    seconds: float
+    candidates: list[tuple[int, float]] = field(default_factory=list)
+    fit_loss: float = float("nan")
+    backtest_fitted: float = float("nan")
+    backtest_prior: float = float("nan")
+
+
+@dataclass
+class Decision:
+    """Result of :func:`choose_and_apply`.
+
+    Attributes:
+        index: index of the applied point of the path, ``None`` when rolled back.
+        metric_before: metric at the current weights.
+        metrics: metric of each path point after the anchor (NaN for non-finite points).
+        outcome: the reason.
+    """
+
+    index: int | None
+    metric_before: float
+    metrics: list[float]
+    outcome: JumpOutcome
+
+
+def better(a: float, b: float, mode: str, min_delta: float) -> bool:
+    """Whether ``a`` beats ``b`` by more than ``min_delta`` (relative to ``|b|``) in ``mode``."""
+    if not math.isfinite(a):
+        return False
+    margin = min_delta * abs(b)
+    return a < b - margin if mode == "min" else a > b + margin
+
+
+def choose_and_apply(
+    spec: ParamSpec,
+    path: ForecastPath,
+    evaluate: Callable[[], float],
+    *,
+    mode: str = "min",
+    min_delta: float = 0.0,
+    metric_before: float | None = None,
+) -> Decision:
+    """Evaluate every point of ``path`` in place, then keep the best one or restore the weights bit-exactly.
+
+    Args:
+        spec: the tracked parameters (written in place; ``id(p)`` never changes).
+        path: the forecast; point 0 is the anchor and is not re-evaluated.
+        evaluate: returns the monitored metric of the weights currently in the model (all ranks must return
+            the same number).
+        mode: ``"min"`` or ``"max"``.
+        min_delta: relative improvement over staying put that a jump must show.
+        metric_before: the metric at the current weights, when already known.
+
+    Returns:
+        The :class:`Decision`.
+    """
+    saved = [p.detach().clone() for p in spec.params]
+    before = evaluate() if metric_before is None else metric_before
+    finite = path.finite()
+    metrics = []
+    try:
+        for h in range(1, len(path.horizons)):
+            if not bool(finite[h]):
+                metrics.append(float("nan"))
+                continue
+            spec.write_(path.weights[h].to(spec.device))
+            metrics.append(float(evaluate()))
+    except BaseException:
+        _restore(spec, saved)
+        raise
+    valid = [(m, k) for k, m in enumerate(metrics, start=1) if math.isfinite(m)]
+    if not valid:
+        _restore(spec, saved)
+        return Decision(None, before, metrics, JumpOutcome.NON_FINITE)
+    best_metric, best = min(valid) if mode == "min" else max(valid)
+    if better(best_metric, before, mode, min_delta):
+        spec.write_(path.weights[best].to(spec.device))
+        return Decision(best, before, metrics, JumpOutcome.ACCEPTED)
+    _restore(spec, saved)
+    return Decision(None, before, metrics, JumpOutcome.ROLLED_BACK)
+
+
+@torch.no_grad()
+def _restore(spec: ParamSpec, saved: list[Tensor]) -> None:
+    for p, t in zip(spec.params, saved):
+        p.detach().copy_(t)
+
+
+def apply_state_policy(
+    optimizer: torch.optim.Optimizer, spec: ParamSpec, policy: StatePolicy, path: ForecastPath, index: int
+) -> None:
+    """Settle the optimizer state after moving to ``path`` point ``index`` (see :class:`StatePolicy`)."""
+    if policy is StatePolicy.KEEP:
+        return
+    if policy is StatePolicy.RESET:
+        for p in spec.params:
+            optimizer.state.pop(p, None)
+        return
+    state = {n: v[index].to(spec.device) for n, v in path.state.items()}
+    if "exp_avg_sq" in state:
+        state["exp_avg_sq"] = state["exp_avg_sq"].clamp_min(0)
+    if "square_avg" in state:
+        state["square_avg"] = state["square_avg"].clamp_min(0)
+    write_state(optimizer, spec, state)
