@@ -336,8 +336,15 @@ class GFMCallback(pl.Callback):
         fit_loss = float("nan")
         if self.fit_steps:
             report = fit_field(
-                self.field, self._field_opt, win, dyn, steps=self.fit_steps, batch=self.fit_batch,
-                seed=self.seed + step, max_seconds=self.fit_seconds, device=device,
+                self.field,
+                self._field_opt,
+                win,
+                dyn,
+                steps=self.fit_steps,
+                batch=self.fit_batch,
+                seed=self.seed + step,
+                max_seconds=self.fit_seconds,
+                device=device,
             )
             fit_loss = report.loss_end
         use, bt_fit, bt_prior = self.field, float("nan"), float("nan")
@@ -348,8 +355,15 @@ class GFMCallback(pl.Callback):
             if not bt_fit <= bt_prior:
                 use = prior
         path = forecast(
-            use, win, dyn, self._lr_steps(trainer, step, horizons[-1]), horizons, solver=self.solver,
-            chunk_size=self.chunk_size, device=device, out_device=device,
+            use,
+            win,
+            dyn,
+            self._lr_steps(trainer, step, horizons[-1]),
+            horizons,
+            solver=self.solver,
+            chunk_size=self.chunk_size,
+            device=device,
+            out_device=device,
         )
         decision = choose_and_apply(
             spec, path, lambda: self._evaluate(trainer, pl_module), mode=self.mode, min_delta=self.min_delta
@@ -376,7 +390,7 @@ class GFMCallback(pl.Callback):
             metric_after=after,
             outcome=decision.outcome.value,
             seconds=time.perf_counter() - start,
-            candidates=[(h, m) for h, m in zip(path.horizons[1:], decision.metrics)],
+            candidates=[(h, m) for h, m in zip(path.horizons[1:], decision.metrics, strict=False)],
             fit_loss=fit_loss,
             backtest_fitted=bt_fit,
             backtest_prior=bt_prior,
@@ -562,9 +576,14 @@ def _quiet_evaluation(module: pl.LightningModule):
     metric_states = {}
     for m in module.modules():
         if isinstance(m, Metric):
-            metric_states[m] = {
-                k: (v.clone() if isinstance(v, Tensor) else [t.clone() for t in v]) for k, v in m.metric_state.items()
-            }, m._update_count, m._computed
+            metric_states[m] = (
+                {
+                    k: (v.clone() if isinstance(v, Tensor) else [t.clone() for t in v])
+                    for k, v in m.metric_state.items()
+                },
+                m._update_count,
+                m._computed,
+            )
     capture = _LogCapture()
     module.log, module.log_dict = capture.log, capture.log_dict
     module.eval()

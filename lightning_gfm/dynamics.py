@@ -172,7 +172,7 @@ class AdamDynamics(Dynamics):
         m_next = b1 * m + (1 - b1) * gp
         v_next = b2 * v + (1 - b2) * gp * gp
         m_hat, v_hat = self._hat(m_next, v_next, k + 1, w)
-        dw = -lr * (m_hat / (v_hat.clamp_min(0).sqrt() + eps) + decoupled * wd * w)
+        dw = -lr * (m_hat / ((v_hat.clamp_min(0) + 1e-30).sqrt() + eps) + decoupled * wd * w)
         return dw, {"exp_avg": m_next - m, "exp_avg_sq": v_next - v}
 
     def gradient_estimate(self, w, state, u, lr, k):
@@ -182,7 +182,7 @@ class AdamDynamics(Dynamics):
 
     def gradient_scale(self, state, u_rms, lr, k):
         _, v_hat = self._hat(state["exp_avg"], state["exp_avg_sq"], k, u_rms)
-        return v_hat.clamp_min(0).sqrt() + self.h("eps", u_rms)
+        return (v_hat.clamp_min(0) + 1e-30).sqrt() + self.h("eps", u_rms)
 
     def direction(self, state, g_scale, k):
         m_hat, _ = self._hat(state["exp_avg"], state["exp_avg_sq"], k, g_scale)
@@ -208,7 +208,7 @@ class RMSpropDynamics(Dynamics):
 
     def _avg(self, v: Tensor, ga: Tensor | None, eps: Tensor) -> Tensor:
         var = v - ga * ga if ga is not None else v
-        return var.clamp_min(0).sqrt() + eps
+        return (var.clamp_min(0) + 1e-30).sqrt() + eps
 
     def velocity(self, w, state, g, lr, k):
         alpha, eps = self.h("alpha", w), self.h("eps", w)
@@ -285,7 +285,8 @@ def dynamics_for(optimizer: torch.optim.Optimizer, spec: ParamSpec, generic: boo
         return AdamDynamics(hyper, gidx)
     if isinstance(optimizer, torch.optim.SGD):
         hyper = _groups(
-            optimizer, {"weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0, "nesterov": 0.0, "maximize": 0.0}
+            optimizer,
+            {"weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0, "nesterov": 0.0, "maximize": 0.0},
         )
         if max(hyper["momentum"]) > 0:
             return MomentumDynamics(hyper, gidx)
@@ -293,7 +294,14 @@ def dynamics_for(optimizer: torch.optim.Optimizer, spec: ParamSpec, generic: boo
     if isinstance(optimizer, torch.optim.RMSprop):
         hyper = _groups(
             optimizer,
-            {"weight_decay": 0.0, "momentum": 0.0, "alpha": 0.99, "eps": 1e-8, "centered": 0.0, "maximize": 0.0},
+            {
+                "weight_decay": 0.0,
+                "momentum": 0.0,
+                "alpha": 0.99,
+                "eps": 1e-8,
+                "centered": 0.0,
+                "maximize": 0.0,
+            },
         )
         return RMSpropDynamics(hyper, gidx)
     if generic:
@@ -325,7 +333,7 @@ def read_state(optimizer: torch.optim.Optimizer, spec: ParamSpec, names, device=
 def write_state(optimizer: torch.optim.Optimizer, spec: ParamSpec, state: dict[str, Tensor]) -> None:
     """Copy flat state tensors (shape ``(P,)``) into ``optimizer.state`` in place where the entry exists."""
     for name, flat in state.items():
-        for p, view in zip(spec.params, spec.unflatten(flat)):
+        for p, view in zip(spec.params, spec.unflatten(flat), strict=False):
             t = optimizer.state.get(p, {}).get(name)
             if t is not None:
                 t.copy_(view)
@@ -372,9 +380,7 @@ def future_learning_rates(optimizer: torch.optim.Optimizer, scheduler, n_calls: 
     return torch.stack(rows)
 
 
-def lr_by_step(
-    lr_calls: Tensor, horizon: int, every: int, offset: int = 0
-) -> Tensor:
+def lr_by_step(lr_calls: Tensor, horizon: int, every: int, offset: int = 0) -> Tensor:
     """Expand per-scheduler-call learning rates to one row per future optimizer step.
 
     Args:

@@ -91,7 +91,7 @@ def forecast(
 
         def f(t: Tensor, x: Tensor, ctx=ctx, emb=emb, group=group, c=c) -> Tensor:
             parts = x.view(1 + len(names), c)
-            st = dict(zip(names, parts[1:]))
+            st = dict(zip(names, parts[1:], strict=False))
             lr = lr_tab[min(int(t.floor()), last_row)][group]
             dw, dst = field_velocity(field, ctx, emb, t / win.interval, parts[0], st, lr, ctx.k0 + t)
             return torch.cat([dw, *(dst[n] for n in names)])
@@ -105,7 +105,9 @@ def forecast(
     return ForecastPath([0, *horizons], weights, state, time.perf_counter() - start)
 
 
-def backtest_error(field: GradientField, win: Window, dyn: Dynamics, lag: int, solver: str = "rk4", device=None) -> float:
+def backtest_error(
+    field: GradientField, win: Window, dyn: Dynamics, lag: int, solver: str = "rk4", device=None
+) -> float:
     """Relative error of forecasting the last snapshot from the one ``lag`` snapshots earlier.
 
     ``||w_hat - w_K|| / ||w_K - w_{K-lag}||``: 1.0 is no better than standing still. It tells whether a freshly
@@ -120,7 +122,7 @@ def backtest_error(field: GradientField, win: Window, dyn: Dynamics, lag: int, s
         device: where to integrate.
     """
     past = win.head(win.K - lag)
-    if past.K - 1 < field.config.history:
+    if field.config.history > past.K - 1:
         return float("nan")
     horizon = int(win.steps[-1] - past.steps[-1])
     path = forecast(field, past, dyn, win.recorded_lr_steps(past.K - 1), [horizon], solver=solver, device=device)

@@ -148,7 +148,7 @@ def choose_and_apply(
 
 @torch.no_grad()
 def _restore(spec: ParamSpec, saved: list[Tensor]) -> None:
-    for p, t in zip(spec.params, saved):
+    for p, t in zip(spec.params, saved, strict=False):
         p.detach().copy_(t)
 
 

@@ -110,7 +110,7 @@ class ParamSpec:
     def unflatten(self, flat: Tensor) -> list[Tensor]:
         """Views of ``flat`` (shape ``(P,)``) shaped like each parameter."""
         self._check(flat, "flat")
-        return [flat[a:b].view_as(p) for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:])]
+        return [flat[a:b].view_as(p) for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:], strict=False)]
 
     @torch.no_grad()
     def write_(self, flat: Tensor, targets: Sequence[Tensor] | None = None) -> None:
@@ -119,22 +119,22 @@ class ParamSpec:
         The parameter objects are not replaced, so ``id(p)`` and every reference to them stay valid.
         """
         targets = self.params if targets is None else targets
-        for t, view in zip(targets, self.unflatten(flat)):
+        for t, view in zip(targets, self.unflatten(flat), strict=False):
             t.detach().copy_(view)
 
     def group_index(self, device=None) -> Tensor:
         """Param-group index of every scalar, shape ``(P,)``, dtype ``long``."""
-        sizes = torch.tensor([b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])])
+        sizes = torch.tensor([b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=False)])
         return torch.repeat_interleave(torch.tensor(self.groups), sizes).to(device)
 
     def role_index(self, device=None) -> Tensor:
         """Role (index into :data:`ROLES`) of every scalar, shape ``(P,)``, dtype ``long``."""
-        sizes = torch.tensor([b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])])
+        sizes = torch.tensor([b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=False)])
         return torch.repeat_interleave(torch.tensor(self.roles), sizes).to(device)
 
     def tensor_index(self, device=None) -> Tensor:
         """Index of the parameter tensor each scalar belongs to, shape ``(P,)``, dtype ``long``."""
-        sizes = torch.tensor([b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])])
+        sizes = torch.tensor([b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=False)])
         return torch.repeat_interleave(torch.arange(len(self.params)), sizes).to(device)
 
     def _check(self, flat: Tensor, name: str) -> None:

@@ -135,7 +135,13 @@ class TrajectoryBuffer:
         return {
             "capacity": self.capacity,
             "snapshots": [
-                {"step": s.step, "weights": s.weights, "state": dict(s.state), "lrs": s.lrs, "opt_step": s.opt_step}
+                {
+                    "step": s.step,
+                    "weights": s.weights,
+                    "state": dict(s.state),
+                    "lrs": s.lrs,
+                    "opt_step": s.opt_step,
+                }
                 for s in self._snaps
             ],
         }
@@ -146,7 +152,10 @@ class TrajectoryBuffer:
         for s in state.get("snapshots", []):
             self.append(
                 Snapshot(
-                    step=s["step"], weights=s["weights"], state=s.get("state", {}), lrs=s["lrs"],
+                    step=s["step"],
+                    weights=s["weights"],
+                    state=s.get("state", {}),
+                    lrs=s["lrs"],
                     opt_step=s.get("opt_step", 0),
                 )
             )

@@ -64,7 +64,9 @@ def load_field(path: str | os.PathLike, device: str | torch.device = "cpu") -> G
             f"safetensors ({type(err).__name__}). Pickled checkpoints are refused: loading them could run code."
         ) from err
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is a safetensors file but not a lightning-gfm field (format={meta.get('format')!r}).")
+        raise ValueError(
+            f"{str(path)!r} is a safetensors file but not a lightning-gfm field (format={meta.get('format')!r})."
+        )
     if int(meta.get("version", "0")) > VERSION:
         raise ValueError(
             f"{str(path)!r} has field format version {meta['version']}; this lightning-gfm reads up to {VERSION}. "

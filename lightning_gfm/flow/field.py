@@ -58,8 +58,14 @@ def _clip(x: Tensor, bound: float = 5.0) -> Tensor:
 
 
 def static_features(
-    hist: Tensor, u_rms: Tensor, u_rms_tensor: Tensor, w: Tensor, w_rms_tensor: Tensor, g0_norm: Tensor,
-    progress: Tensor | float, roles: Tensor,
+    hist: Tensor,
+    u_rms: Tensor,
+    u_rms_tensor: Tensor,
+    w: Tensor,
+    w_rms_tensor: Tensor,
+    g0_norm: Tensor,
+    progress: Tensor | float,
+    roles: Tensor,
 ) -> Tensor:
     """Assemble the static inputs.
 

@@ -29,7 +29,9 @@ def _odeint():
     return odeint
 
 
-def integrate(f: Callable[[Tensor, Tensor], Tensor], x0: Tensor, horizons: Tensor, max_step: float, solver: str) -> Tensor:
+def integrate(
+    f: Callable[[Tensor, Tensor], Tensor], x0: Tensor, horizons: Tensor, max_step: float, solver: str
+) -> Tensor:
     """Integrate ``dx/dt = f(t, x)`` from ``t = 0`` and return the state at each horizon.
 
     The grid is refined so that no step is longer than ``max_step`` (the optimizer's fastest relaxation
@@ -51,7 +53,7 @@ def integrate(f: Callable[[Tensor, Tensor], Tensor], x0: Tensor, horizons: Tenso
         raise ValueError(f"`horizons` must be positive and increasing, got {horizons.tolist()}.")
     knots = torch.cat([torch.zeros(1, dtype=torch.float64), horizons.double().cpu()])
     pieces = []
-    for lo, hi in zip(knots[:-1], knots[1:]):
+    for lo, hi in zip(knots[:-1], knots[1:], strict=False):
         n = max(1, int(torch.ceil((hi - lo) / max_step)))
         pieces.append(torch.linspace(float(lo), float(hi), n + 1, dtype=torch.float64)[:-1])
     grid = torch.cat([*pieces, knots[-1:]])

@@ -93,8 +93,14 @@ class Window:
         if not 2 <= n <= self.K:
             raise ValueError(f"`n` must be in [2, {self.K}], got {n}.")
         return replace(
-            self, steps=self.steps[:n], w=self.w[:n], state={k: v[:n] for k, v in self.state.items()},
-            lrs=self.lrs[:n], opt_steps=self.opt_steps[:n], u=self.u[: n - 1], w_rms_tensor=self.w_rms_tensor[:n],
+            self,
+            steps=self.steps[:n],
+            w=self.w[:n],
+            state={k: v[:n] for k, v in self.state.items()},
+            lrs=self.lrs[:n],
+            opt_steps=self.opt_steps[:n],
+            u=self.u[: n - 1],
+            w_rms_tensor=self.w_rms_tensor[:n],
             progress=self.progress[:n],
         )
 
@@ -144,9 +150,7 @@ class Context:
     interval: float
 
 
-def anchor_context(
-    win: Window, dyn: Dynamics, anchor: Tensor | int, idx: Tensor, history: int, device=None
-) -> Context:
+def anchor_context(win: Window, dyn: Dynamics, anchor: Tensor | int, idx: Tensor, history: int, device=None) -> Context:
     """Gather the anchor's context for scalars ``idx``.
 
     Args:
@@ -188,14 +192,28 @@ def anchor_context(
     )
     u_scale = u_rms + 0.1 * g(win.u_rms_tensor[i])
     return Context(
-        w0=w0, state0=state0, g0_norm=g0_norm, g_scale=g_scale, lr0=lr0, k0=k0, u_scale=u_scale, static=static,
-        dynamics=d, interval=win.interval,
+        w0=w0,
+        state0=state0,
+        g0_norm=g0_norm,
+        g_scale=g_scale,
+        lr0=lr0,
+        k0=k0,
+        u_scale=u_scale,
+        static=static,
+        dynamics=d,
+        interval=win.interval,
     )
 
 
 def field_velocity(
-    field: GradientField, ctx: Context, embedded: Tensor, tau: Tensor, w: Tensor, state: dict[str, Tensor],
-    lr: Tensor, k: Tensor,
+    field: GradientField,
+    ctx: Context,
+    embedded: Tensor,
+    tau: Tensor,
+    w: Tensor,
+    state: dict[str, Tensor],
+    lr: Tensor,
+    k: Tensor,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The optimizer-aware vector field: network -> gradient surrogate -> optimizer update rule.
 
