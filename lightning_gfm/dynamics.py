@@ -22,7 +22,6 @@ generic (opt-in)    none                                ``dw/ds = -lr * g`` (an 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from abc import ABC, abstractmethod
 
@@ -399,4 +398,4 @@ def lr_by_step(lr_calls: Tensor, horizon: int, every: int, offset: int = 0) -> T
 
 def calls_needed(horizon: int, every: int, offset: int = 0) -> int:
     """Number of scheduler calls that :func:`lr_by_step` needs for ``horizon`` steps."""
-    return int(math.ceil((horizon + offset + 1) / max(every, 1)))
+    return (horizon + offset) // max(every, 1)

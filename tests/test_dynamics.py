@@ -1,0 +1,157 @@
+"""The optimizer-aware dynamics reproduce each optimizer's real update rule."""
+
+import copy
+
+import pytest
+import torch
+
+from lightning_gfm.dynamics import (
+    calls_needed,
+    dynamics_for,
+    future_learning_rates,
+    lr_by_step,
+    read_state,
+    step_count,
+    write_state,
+)
+from lightning_gfm.params import ParamSpec
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01),
+    "momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, weight_decay=0.01),
+    "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5),
+    "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=1e-2, centered=True),
+    "maximize": lambda p: torch.optim.Adam(p, lr=1e-2, maximize=True),
+}
+
+
+def _setup(name, steps_before=3):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    opt = OPTIMIZERS[name](model.parameters())
+    x = torch.randn(16, 5)
+
+    def grad():
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+
+    for _ in range(steps_before):
+        grad()
+        opt.step()
+    return model, opt, grad
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_one_euler_step_is_one_optimizer_step(name):
+    model, opt, grad = _setup(name)
+    spec = ParamSpec.from_module(model, opt)
+    dyn = dynamics_for(opt, spec)
+    grad()
+    g = spec.flatten([p.grad for p in spec.params])
+    w = spec.flatten()
+    state = read_state(opt, spec, dyn.state_names)
+    lr = torch.full_like(w, opt.param_groups[0]["lr"])
+    dw, dstate = dyn.velocity(w, state, g, lr, torch.tensor(float(step_count(opt, spec))))
+    opt.step()
+    torch.testing.assert_close(w + dw, spec.flatten(), rtol=1e-5, atol=1e-7)
+    after = read_state(opt, spec, dyn.state_names)
+    for key in dyn.state_names:
+        torch.testing.assert_close(state[key] + dstate[key], after[key], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam", "rmsprop_momentum"])
+def test_gradient_estimate_recovers_a_constant_gradient(name):
+    # With a constant gradient the moments converge to their steady state, where the estimate is exact.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = OPTIMIZERS[name]([p])
+    g_true = torch.linspace(-1, 1, 6)
+    for group in opt.param_groups:
+        group["weight_decay"] = 0.0
+    for _ in range(400):
+        p.grad = g_true.clone()
+        opt.step()
+    module = torch.nn.Module()
+    module.p = p
+    spec = ParamSpec.from_module(module, opt)
+    dyn = dynamics_for(opt, spec)
+    state = read_state(opt, spec, dyn.state_names)
+    lr = torch.full((6,), opt.param_groups[0]["lr"])
+    k = torch.tensor(float(step_count(opt, spec)))
+    g0 = dyn.gradient_estimate(spec.flatten(), state, torch.zeros(6), lr, k)
+    torch.testing.assert_close(g0, g_true, rtol=1e-3, atol=1e-4)
+
+
+def test_sgd_gradient_estimate_from_velocity():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    module = torch.nn.Module()
+    module.p = p
+    spec = ParamSpec.from_module(module, opt)
+    dyn = dynamics_for(opt, spec)
+    u = torch.tensor([-0.1, 0.2, 0.0])  # velocity = -lr * g
+    g0 = dyn.gradient_estimate(torch.zeros(3), {}, u, torch.full((3,), 0.1), torch.tensor(0.0))
+    torch.testing.assert_close(g0, torch.tensor([1.0, -2.0, 0.0]))
+
+
+def test_unsupported_optimizer_names_the_supported_ones():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adagrad(model.parameters())
+    with pytest.raises(ValueError, match=r"SGD, Adam, AdamW, RMSprop.*Adagrad.*generic_dynamics"):
+        dynamics_for(opt, ParamSpec.from_module(model, opt))
+    assert dynamics_for(opt, ParamSpec.from_module(model, opt), generic=True).state_names == ()
+
+
+def test_amsgrad_is_refused():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(model.parameters(), amsgrad=True)
+    with pytest.raises(ValueError, match="amsgrad"):
+        dynamics_for(opt, ParamSpec.from_module(model, opt))
+
+
+def test_param_groups_give_per_scalar_hyperparameters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    opt = torch.optim.Adam(
+        [{"params": model[0].parameters(), "betas": (0.8, 0.99)}, {"params": model[1].parameters()}], lr=1e-3
+    )
+    spec = ParamSpec.from_module(model, opt)
+    dyn = dynamics_for(opt, spec)
+    beta1 = dyn.h("beta1", torch.zeros(spec.numel))
+    assert beta1[: 3 * 2 + 2].eq(0.8).all() and beta1[8:].eq(0.9).all()
+
+
+def test_future_learning_rates_replays_without_disturbing():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    before_sched, before_lr = copy.deepcopy(sched.state_dict()), opt.param_groups[0]["lr"]
+    rows = future_learning_rates(opt, sched, 4)
+    assert sched.state_dict() == before_sched and opt.param_groups[0]["lr"] == before_lr
+    real = [opt.param_groups[0]["lr"]]
+    for _ in range(4):
+        opt.step()
+        sched.step()
+        real.append(opt.param_groups[0]["lr"])
+    torch.testing.assert_close(rows[:, 0], torch.tensor(real, dtype=torch.float64))
+
+
+def test_lr_by_step_expands_epoch_schedules():
+    calls = torch.tensor([[1.0], [0.5], [0.25]], dtype=torch.float64)
+    rows = lr_by_step(calls, horizon=5, every=3, offset=1)  # 1 step into a 3-step epoch
+    assert rows[:, 0].tolist() == [1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
+    assert calls_needed(5, 3, 1) == 2
+
+
+def test_write_state_round_trip():
+    model, opt, _ = _setup("adam")
+    spec = ParamSpec.from_module(model, opt)
+    state = read_state(opt, spec, ("exp_avg",))
+    write_state(opt, spec, {"exp_avg": state["exp_avg"] * 2})
+    torch.testing.assert_close(read_state(opt, spec, ("exp_avg",))["exp_avg"], state["exp_avg"] * 2)

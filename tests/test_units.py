@@ -1,0 +1,193 @@
+"""Pure-tensor pieces: params, trajectory buffer, jump choice and rollback, field files, public API."""
+
+import math
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lightning_gfm
+from lightning_gfm.fields import load_field, save_field
+from lightning_gfm.flow.field import FieldConfig, GradientField
+from lightning_gfm.forecast import ForecastPath
+from lightning_gfm.jump import JumpOutcome, StatePolicy, apply_state_policy, better, choose_and_apply
+from lightning_gfm.params import ParamSpec
+from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
+
+
+def _model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    model[2].bias.requires_grad_(False)
+    return model
+
+
+def test_param_spec_tracks_trainable_and_writes_in_place():
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    assert spec.names == ["0.weight", "0.bias", "2.weight"]
+    assert spec.numel == 12 + 4 + 8
+    ids = [id(p) for p in spec.params]
+    flat = spec.flatten()
+    spec.write_(flat * 2)
+    assert [id(p) for p in model.parameters() if p.requires_grad] == ids
+    torch.testing.assert_close(spec.flatten(), flat * 2)
+    with pytest.raises(ValueError, match=r"`flat` must have shape \(24,\)"):
+        spec.write_(torch.zeros(5))
+
+
+def test_param_spec_refuses_nothing_to_track():
+    model = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        ParamSpec.from_module(model)
+
+
+def test_buffer_is_bounded_and_round_trips():
+    buf = TrajectoryBuffer(3)
+    for s in range(5):
+        buf.append(Snapshot(s, torch.full((4,), float(s)), {"m": torch.ones(4)}, torch.ones(1, dtype=torch.float64)))
+    assert buf.steps == [2, 3, 4] and buf.nbytes == 3 * (16 + 16 + 8)
+    with pytest.raises(ValueError, match="increasing steps"):
+        buf.append(Snapshot(4, torch.zeros(4)))
+    with pytest.raises(ValueError, match="changed shape"):
+        buf.append(Snapshot(9, torch.zeros(5)))
+    other = TrajectoryBuffer(3)
+    other.load_state_dict(pickle.loads(pickle.dumps(buf.state_dict())))
+    assert other.steps == buf.steps and torch.equal(other.weights(), buf.weights())
+    buf.translate_(torch.ones(4))
+    assert torch.equal(buf.weights(), other.weights() + 1)
+    with pytest.raises(ValueError, match="`capacity` must be an int >= 2"):
+        TrajectoryBuffer(1)
+
+
+def test_buffer_bf16_storage_halves_memory():
+    a, b = TrajectoryBuffer(2), TrajectoryBuffer(2, dtype=torch.bfloat16)
+    for buf in (a, b):
+        buf.append(Snapshot(0, torch.randn(100)))
+    assert b.nbytes * 2 == a.nbytes
+
+
+def _path(spec, deltas, state=None):
+    w0 = spec.flatten()
+    weights = torch.stack([w0 + d for d in deltas])
+    return ForecastPath(list(range(len(deltas))), weights, state or {}, 0.0)
+
+
+def test_choose_accepts_the_best_candidate():
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    target = spec.flatten() + 3.0
+    path = _path(spec, [0.0, 1.0, 2.0, 4.0])
+
+    def evaluate():
+        return float((spec.flatten() - target).abs().mean())
+
+    decision = choose_and_apply(spec, path, evaluate)
+    assert decision.outcome is JumpOutcome.ACCEPTED and decision.index == 2
+    torch.testing.assert_close(spec.flatten(), path.weights[2])
+    assert decision.metrics == pytest.approx([2.0, 1.0, 1.0])
+
+
+def test_rollback_is_bit_exact_and_keeps_identity():
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    before = [p.detach().clone() for p in spec.params]
+    ids = [id(p) for p in spec.params]
+    path = _path(spec, [0.0, 0.1234567, float("nan")])
+    decision = choose_and_apply(spec, path, lambda: float(spec.flatten().abs().sum()) + 0.0, mode="max", min_delta=1.0)
+    assert decision.outcome is JumpOutcome.ROLLED_BACK and decision.index is None
+    assert math.isnan(decision.metrics[1])  # the non-finite point was never applied or evaluated
+    assert all(torch.equal(a, p) for a, p in zip(before, spec.params, strict=True))
+    assert [id(p) for p in spec.params] == ids
+
+
+def test_all_non_finite_is_reported_and_restored():
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    before = spec.flatten()
+    decision = choose_and_apply(spec, _path(spec, [0.0, float("inf")]), lambda: 1.0)
+    assert decision.outcome is JumpOutcome.NON_FINITE
+    assert torch.equal(spec.flatten(), before)
+
+
+def test_evaluation_error_restores_weights():
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    before = spec.flatten()
+    calls = []
+
+    def evaluate():
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("boom")
+        return 1.0
+
+    with pytest.raises(RuntimeError, match="boom"):
+        choose_and_apply(spec, _path(spec, [0.0, 1.0]), evaluate)
+    assert torch.equal(spec.flatten(), before)
+
+
+def test_better_respects_mode_and_margin():
+    assert better(0.9, 1.0, "min", 0.05) and not better(0.96, 1.0, "min", 0.05)
+    assert better(1.1, 1.0, "max", 0.05) and not better(float("nan"), 1.0, "min", 0.0)
+
+
+def test_state_policies():
+    model = _model()
+    opt = torch.optim.Adam(p for p in model.parameters() if p.requires_grad)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    spec = ParamSpec.from_module(model, opt)
+    n = spec.numel
+    path = ForecastPath([0, 5], torch.zeros(2, n), {"exp_avg": torch.ones(2, n), "exp_avg_sq": -torch.ones(2, n)}, 0)
+    keep = [opt.state[p]["exp_avg"].clone() for p in spec.params]
+    apply_state_policy(opt, spec, StatePolicy.KEEP, path, 1)
+    assert all(torch.equal(k, opt.state[p]["exp_avg"]) for k, p in zip(keep, spec.params, strict=True))
+    apply_state_policy(opt, spec, StatePolicy.FORECAST, path, 1)
+    assert all(opt.state[p]["exp_avg"].eq(1).all() and opt.state[p]["exp_avg_sq"].eq(0).all() for p in spec.params)
+    apply_state_policy(opt, spec, StatePolicy.RESET, path, 1)
+    assert all(p not in opt.state for p in spec.params)
+
+
+def test_field_file_round_trip_and_hostile_files(tmp_path):
+    field = GradientField(FieldConfig(history=2, hidden=8, depth=3, span=5.0))
+    with torch.no_grad():
+        for p in field.parameters():
+            p.normal_()
+    path = save_field(field, tmp_path / "f.safetensors", trained_on="test")
+    loaded = load_field(path)
+    assert loaded.config == field.config
+    assert all(
+        torch.equal(a, b) for a, b in zip(field.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+
+    pickled = tmp_path / "evil.pt"
+    torch.save({"x": 1}, pickled)
+    with pytest.raises(ValueError, match="not readable as safetensors.*Pickled checkpoints are refused"):
+        load_field(pickled)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="safetensors"):
+        load_field(junk)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"a": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="not a lightning-gfm field"):
+        load_field(other)
+    with pytest.raises(FileNotFoundError, match="`field` file not found"):
+        load_field(tmp_path / "missing.safetensors")
+
+
+def test_public_names_resolve():
+    for name in lightning_gfm.__all__:
+        assert getattr(lightning_gfm, name) is not None, name
+
+
+def test_import_weight():
+    code = (
+        "import sys, lightning_gfm; bad = [m for m in ('torchdyn', 'wandb') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
