@@ -22,7 +22,7 @@ test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo:
-	bash scripts/install.sh wandb
+	bash scripts/install.sh examples
 	$(PY) examples/demo.py
 
 lint:
