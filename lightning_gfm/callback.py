@@ -35,7 +35,7 @@ from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import fit_field
 from lightning_gfm.flow.ode import SOLVERS
 from lightning_gfm.flow.window import Window
-from lightning_gfm.forecast import backtest_error, forecast
+from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
 from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
 from lightning_gfm.params import ParamSpec
 from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
@@ -63,7 +63,9 @@ class GFMCallback(pl.Callback):
             ``buffer_device``, where ``n_state`` is 0 for SGD, 1 for momentum, 2 for Adam).
         jump_every: optimizer steps between jump attempts (attempts wait until the window is long enough).
         horizon: farthest forecast, in optimizer steps; ``None`` means the field's fitted span
-            (``span * record_every``). Never beyond the end of the planned training.
+            (``span * record_every``); ``"end"`` means the end of the planned training (the forecasted
+            convergence point; beyond the fitted span the field holds its last learned time dependence).
+            Never beyond the end of the planned training.
         n_candidates: points of the forecast path evaluated, evenly spaced up to the horizon.
         monitor: metric logged by ``validation_step`` that decides; default ``"val_loss"``. Without a
             validation loop, ``training_step`` is run on a held-back slice of training batches and its logged
@@ -101,7 +103,7 @@ class GFMCallback(pl.Callback):
         record_every: int = 10,
         window: int = 24,
         jump_every: int = 200,
-        horizon: int | None = None,
+        horizon: int | str | None = None,
         n_candidates: int = 4,
         monitor: str = "val_loss",
         mode: str = "min",
@@ -127,7 +129,9 @@ class GFMCallback(pl.Callback):
         _check_int("record_every", record_every, 1)
         _check_int("window", window, 4)
         _check_int("jump_every", jump_every, 1)
-        if horizon is not None:
+        if horizon is not None and horizon != "end":
+            if isinstance(horizon, str):
+                raise ValueError(f"`horizon` must be an int >= 1, 'end' or None, got {horizon!r}.")
             _check_int("horizon", horizon, 1)
         _check_int("n_candidates", n_candidates, 1)
         _check_int("eval_batches", eval_batches, 1)
@@ -320,20 +324,31 @@ class GFMCallback(pl.Callback):
         return lr_by_step(calls, horizon, every, offset)
 
     def _horizons(self, trainer: pl.Trainer, step: int, win: Window) -> list[int]:
-        far = self.horizon or int(self.field_config.span * win.interval)
         total = self._total_steps(trainer)
+        if self.horizon == "end":
+            if total is None:
+                raise ValueError("`horizon='end'` needs a planned end of training: set `max_steps` or `max_epochs`.")
+            far = total - step
+        else:
+            far = self.horizon or int(self.field_config.span * win.interval)
         if total is not None:
             far = min(far, total - step)
         return sorted({round(far * (i + 1) / self.n_candidates) for i in range(self.n_candidates)} - {0})
 
-    def _jump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        start = time.perf_counter()
-        spec, dyn, device = self._spec, self._dyn, pl_module.device
-        win = Window.from_buffer(self.buffer, spec, dyn.state_names, self._total_steps(trainer))
-        horizons = self._horizons(trainer, step, win)
-        if not horizons:
-            return
-        fit_loss = float("nan")
+    def forecast_path(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, win: Window, horizons: list[int]
+    ) -> tuple[ForecastPath, dict[str, float]]:
+        """Forecast the weights at ``horizons`` steps ahead of the window's last snapshot (the current weights).
+
+        GFM fits its field online, backtests it against the prior, and integrates the better one. Override this to
+        plug in another forecaster (the benchmark's linear-extrapolation and oracle competitors do) while keeping
+        the schedule, evaluation, acceptance and rollback identical.
+
+        Returns:
+            The path and diagnostics to store in the :class:`~lightning_gfm.jump.JumpRecord`.
+        """
+        step, dyn, device = trainer.global_step, self._dyn, pl_module.device
+        info = {"fit_loss": float("nan"), "backtest_fitted": float("nan"), "backtest_prior": float("nan")}
         if self.fit_steps:
             report = fit_field(
                 self.field,
@@ -346,13 +361,13 @@ class GFMCallback(pl.Callback):
                 max_seconds=self.fit_seconds,
                 device=device,
             )
-            fit_loss = report.loss_end
-        use, bt_fit, bt_prior = self.field, float("nan"), float("nan")
+            info["fit_loss"] = report.loss_end
+        use = self.field
         if self.backtest:
             prior = self._prior(device)
-            bt_fit = backtest_error(self.field, win, dyn, self.backtest, self.solver, device)
-            bt_prior = backtest_error(prior, win, dyn, self.backtest, self.solver, device)
-            if not bt_fit <= bt_prior:
+            info["backtest_fitted"] = backtest_error(self.field, win, dyn, self.backtest, self.solver, device)
+            info["backtest_prior"] = backtest_error(prior, win, dyn, self.backtest, self.solver, device)
+            if not info["backtest_fitted"] <= info["backtest_prior"]:
                 use = prior
         path = forecast(
             use,
@@ -365,6 +380,16 @@ class GFMCallback(pl.Callback):
             device=device,
             out_device=device,
         )
+        return path, info
+
+    def _jump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        start = time.perf_counter()
+        spec, dyn = self._spec, self._dyn
+        win = Window.from_buffer(self.buffer, spec, dyn.state_names, self._total_steps(trainer))
+        horizons = self._horizons(trainer, step, win)
+        if not horizons:
+            return
+        path, info = self.forecast_path(trainer, pl_module, win, horizons)
         decision = choose_and_apply(
             spec, path, lambda: self._evaluate(trainer, pl_module), mode=self.mode, min_delta=self.min_delta
         )
@@ -391,9 +416,7 @@ class GFMCallback(pl.Callback):
             outcome=decision.outcome.value,
             seconds=time.perf_counter() - start,
             candidates=[(h, m) for h, m in zip(path.horizons[1:], decision.metrics, strict=False)],
-            fit_loss=fit_loss,
-            backtest_fitted=bt_fit,
-            backtest_prior=bt_prior,
+            **info,
         )
         self.jumps.append(record)
         self._log(trainer, record)
