@@ -62,9 +62,10 @@ class GFMCallback(pl.Callback):
         window: snapshots kept (memory: about ``window * (1 + n_state)`` copies of the weights on
             ``buffer_device``, where ``n_state`` is 0 for SGD, 1 for momentum, 2 for Adam).
         jump_every: optimizer steps between jump attempts (attempts wait until the window is long enough).
-        horizon: farthest forecast, in optimizer steps; ``None`` means the field's fitted span
-            (``span * record_every``); ``"end"`` means the end of the planned training (the forecasted
-            convergence point; beyond the fitted span the field holds its last learned time dependence).
+        horizon: farthest forecast, in optimizer steps; ``None`` means as far as the field was fitted
+            (``span`` record intervals, fewer while the window is shorter than ``span + history + 1``);
+            ``"end"`` means the end of the planned training (the forecasted convergence point; beyond the fitted
+            span the field holds its last learned time dependence).
             Never beyond the end of the planned training.
         n_candidates: points of the forecast path evaluated, evenly spaced up to the horizon.
         monitor: metric logged by ``validation_step`` that decides; default ``"val_loss"``. Without a
@@ -338,8 +339,12 @@ class GFMCallback(pl.Callback):
             if total is None:
                 raise ValueError("`horizon='end'` needs a planned end of training: set `max_steps` or `max_epochs`.")
             far = total - step
+        elif self.horizon is not None:
+            far = self.horizon
         else:
-            far = self.horizon or int(self.field_config.span * win.interval)
+            # as far as the field was fitted: its span, and no farther than the window's longest anchor-to-end
+            fitted = min(self.field_config.span, win.K - 1 - self.field_config.history)
+            far = int(fitted * win.interval)
         if total is not None:
             far = min(far, total - step)
         return sorted({round(far * (i + 1) / self.n_candidates) for i in range(self.n_candidates)} - {0})

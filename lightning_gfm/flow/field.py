@@ -141,7 +141,7 @@ class GradientField(nn.Module):
 
         Args:
             embedded: :meth:`embed` of the static features, shape ``(B, hidden)``.
-            dynamic: :func:`dynamic_features`, shape ``(B, 3)``.
+            dynamic: :func:`dynamic_features`, shape ``(B, 4)``.
             g0_norm: the anchor's normalised gradient estimate, shape ``(B,)``.
 
         Returns:

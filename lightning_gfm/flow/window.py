@@ -89,9 +89,12 @@ class Window:
         )
 
     def head(self, n: int) -> Window:
-        """The window of the first ``n`` snapshots (scales stay those of the whole window)."""
+        """The window of the first ``n`` snapshots, its scales recomputed from those alone (no look-ahead)."""
         if not 2 <= n <= self.K:
             raise ValueError(f"`n` must be in [2, {self.K}], got {n}.")
+        u = self.u[: n - 1]
+        u_rms = (u.pow(2).mean(0) + 1e-30).sqrt()
+        n_tensors = int(self.tensor_index.max()) + 1
         return replace(
             self,
             steps=self.steps[:n],
@@ -99,8 +102,11 @@ class Window:
             state={k: v[:n] for k, v in self.state.items()},
             lrs=self.lrs[:n],
             opt_steps=self.opt_steps[:n],
-            u=self.u[: n - 1],
+            u=u,
+            u_rms=u_rms,
+            u_rms_tensor=per_tensor_rms(u_rms, self.tensor_index, n_tensors, 1e-30),
             w_rms_tensor=self.w_rms_tensor[:n],
+            interval=float((self.steps[1:n] - self.steps[: n - 1]).median()),
             progress=self.progress[:n],
         )
 
