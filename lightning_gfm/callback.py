@@ -122,7 +122,7 @@ class GFMCallback(pl.Callback):
         fit_seconds: float | None = None,
         backtest: int = 3,
         history: int = 3,
-        hidden: int = 32,
+        hidden: int = 16,
         span: int = 12,
         solver: str = "rk4",
         buffer_device: str | torch.device = "cpu",

@@ -50,14 +50,16 @@ class GFMLightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         """The trainer, refusing two GFM callbacks (``--gfm true`` and one in ``trainer.callbacks``)."""
-        trainer = super().instantiate_trainer(**kwargs)
-        n = sum(isinstance(c, GFMCallback) for c in trainer.callbacks)
-        if n > 1:
+        listed = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        if "gfm_callback" in self._parser(self.subcommand).callback_keys and any(
+            isinstance(c, GFMCallback) for c in listed
+        ):
             raise ValueError(
-                f"{n} GFMCallbacks are configured: `--gfm true` adds one and `trainer.callbacks` lists another. "
-                "Keep one: drop `--gfm true` or remove GFMCallback from `trainer.callbacks`."
+                "Two GFMCallbacks are configured: `gfm: true` adds one and `trainer.callbacks` lists another. "
+                "Keep one: drop `gfm: true` or remove GFMCallback from `trainer.callbacks`."
             )
-        return trainer
+        return super().instantiate_trainer(**kwargs)
 
 
 def main(args: list[str] | None = None) -> GFMLightningCLI:

@@ -116,7 +116,7 @@ def backtest_error(
     lag: int,
     solver: str = "rk4",
     device=None,
-    max_scalars: int | None = 1 << 16,
+    max_scalars: int | None = 1 << 14,
     seed: int = 0,
 ) -> float:
     """Relative error of forecasting the last snapshot from the one ``lag`` snapshots earlier.

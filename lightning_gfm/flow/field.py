@@ -39,7 +39,7 @@ class FieldConfig:
     """
 
     history: int = 3
-    hidden: int = 32
+    hidden: int = 16
     depth: int = 2
     span: float = 8.0
 
