@@ -8,7 +8,7 @@ SRC_DIRS := $(wildcard lightning_gfm tests examples benchmarks)
 
 export GFM_VENV := $(VENV)
 
-.PHONY: install install-dev test demo lint format
+.PHONY: install install-dev test demo lint format docs
 
 install:
 	bash scripts/install.sh
@@ -24,6 +24,10 @@ test: install-dev
 demo:
 	bash scripts/install.sh examples
 	$(PY) examples/demo.py
+
+# The documentation site (Sphinx + MyST); every warning is an error. Output: docs/_build/html.
+docs: install-dev
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 lint:
 	$(RUFF) check $(SRC_DIRS)

@@ -10,6 +10,12 @@ from lightning_gfm.fields import load_field, save_field
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
 from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy
+from lightning_gfm.metrics import (
+    ForecastDirectionCosine,
+    ForecastRelativeError,
+    forecast_direction_cosine,
+    forecast_relative_error,
+)
 from lightning_gfm.params import ParamSpec
 from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
 
@@ -19,7 +25,9 @@ __all__ = [
     "SUPPORTED",
     "Dynamics",
     "FieldConfig",
+    "ForecastDirectionCosine",
     "ForecastPath",
+    "ForecastRelativeError",
     "GFMCallback",
     "GradientField",
     "JumpOutcome",
@@ -32,6 +40,8 @@ __all__ = [
     "backtest_error",
     "dynamics_for",
     "forecast",
+    "forecast_direction_cosine",
+    "forecast_relative_error",
     "future_learning_rates",
     "load_field",
     "save_field",

@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -77,8 +77,8 @@ class GFMCallback(pl.Callback):
         optimizer_state: after an accepted jump, take the ``"forecast"`` optimizer state the ODE carried (the
             default: best test loss with Adam in ``benchmarks/state_policy.py``, no difference with SGD momentum),
             ``"keep"`` the anchor's moments, or ``"reset"`` them.
-        field: path of a saved field (safetensors) to start from; ``None`` starts from the prior (the constant
-            gradient forecast).
+        field: path (``str`` or ``os.PathLike``) of a saved field (safetensors) to start from; ``None`` starts
+            from the prior (the constant-gradient forecast).
         fit_steps: gradient steps of each online fit (0 disables online fitting).
         fit_batch: scalars per fitting step.
         fit_seconds: wall-clock cap of one fit.
@@ -88,7 +88,7 @@ class GFMCallback(pl.Callback):
         span: record intervals ahead the field is fitted for.
         solver: fixed-step torchdyn solver: ``"euler"``, ``"midpoint"`` or ``"rk4"``.
         buffer_device: where snapshots are stored.
-        buffer_dtype: dtype of stored snapshots.
+        buffer_dtype: dtype of stored snapshots (a ``torch.dtype`` or its name; ``"bfloat16"`` halves memory).
         chunk_size: scalars integrated at once (bounds forecasting memory).
         generic_dynamics: allow optimizers outside SGD, Adam, AdamW, RMSprop with an SGD-shaped fallback.
         num_threads: CPU threads for GFM's own fitting and integration (restored afterwards); ``None`` keeps
@@ -109,14 +109,14 @@ class GFMCallback(pl.Callback):
         record_every: int = 10,
         window: int = 24,
         jump_every: int = 200,
-        horizon: int | str | None = None,
+        horizon: int | Literal["end"] | None = None,
         n_candidates: int = 4,
         monitor: str = "val_loss",
-        mode: str = "min",
+        mode: Literal["min", "max"] = "min",
         min_delta: float = 0.0,
         eval_batches: int = 4,
-        optimizer_state: str = "forecast",
-        field: str | os.PathLike | None = None,
+        optimizer_state: Literal["forecast", "keep", "reset"] = "forecast",
+        field: str | None = None,
         fit_steps: int = 100,
         fit_batch: int = 4096,
         fit_seconds: float | None = None,
@@ -124,9 +124,9 @@ class GFMCallback(pl.Callback):
         history: int = 3,
         hidden: int = 16,
         span: int = 12,
-        solver: str = "rk4",
+        solver: Literal["euler", "midpoint", "rk4"] = "rk4",
         buffer_device: str | torch.device = "cpu",
-        buffer_dtype: torch.dtype = torch.float32,
+        buffer_dtype: torch.dtype | Literal["float32", "bfloat16", "float16"] = "float32",
         chunk_size: int = 1 << 20,
         generic_dynamics: bool = False,
         num_threads: int | None = 1,
@@ -167,8 +167,13 @@ class GFMCallback(pl.Callback):
             raise ValueError(f"`optimizer_state` must be one of {choices}, got {optimizer_state!r}.") from None
         if solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
+        if isinstance(buffer_dtype, str) and buffer_dtype in ("float32", "bfloat16", "float16"):
+            buffer_dtype = getattr(torch, buffer_dtype)
         if not isinstance(buffer_dtype, torch.dtype) or not buffer_dtype.is_floating_point:
-            raise ValueError(f"`buffer_dtype` must be a floating torch.dtype, got {buffer_dtype!r}.")
+            raise ValueError(
+                "`buffer_dtype` must be a floating torch.dtype (or 'float32', 'bfloat16', 'float16'), "
+                f"got {buffer_dtype!r}."
+            )
         min_window = history + max(backtest, 1) + 2
         if window < min_window:
             raise ValueError(
@@ -214,7 +219,6 @@ class GFMCallback(pl.Callback):
         self._last_step = -1
         self._epoch_start_step = 0
         self._eval_cache: tuple[list, str] | None = None
-        self._logger_failed = False
 
     # ------------------------------------------------------------------ when
     def should_record(self, step: int) -> bool:

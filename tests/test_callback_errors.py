@@ -76,7 +76,7 @@ def test_window_too_short_for_history_and_backtest(kwargs, minimum):
         ("optimizer_state", "bogus", r"`optimizer_state` must be one of \['keep', 'reset', 'forecast'\], got 'bogus'"),
         ("solver", "dopri5", r"`solver` must be one of \('euler', 'midpoint', 'rk4'\), got 'dopri5'"),
         ("buffer_dtype", torch.int64, "`buffer_dtype` must be a floating torch.dtype"),
-        ("buffer_dtype", "float32", "`buffer_dtype` must be a floating torch.dtype"),
+        ("buffer_dtype", "int8", "`buffer_dtype` must be a floating torch.dtype"),
         ("field", 42, "`field` must be a path to a saved field or None, got int"),
     ],
 )
