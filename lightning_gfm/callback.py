@@ -37,6 +37,7 @@ from lightning_gfm.flow.ode import SOLVERS
 from lightning_gfm.flow.window import Window
 from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
 from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
+from lightning_gfm.loggers import GFMReporter
 from lightning_gfm.params import ParamSpec
 from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
 
@@ -219,6 +220,7 @@ class GFMCallback(pl.Callback):
         self._last_step = -1
         self._epoch_start_step = 0
         self._eval_cache: tuple[list, str] | None = None
+        self._reporter = GFMReporter(seed=seed, warn=rank_zero_warn)
 
     # ------------------------------------------------------------------ when
     def should_record(self, step: int) -> bool:
@@ -573,20 +575,10 @@ class GFMCallback(pl.Callback):
                 self._field_opt.load_state_dict(pending["field_optimizer"])
 
     # ------------------------------------------------------------- reporting
-    @property
-    def _reporter(self):
-        """Where reports go (:class:`~lightning_gfm.loggers.GFMReporter`), built on first use."""
-        reporter = self.__dict__.get("_gfm_reporter")
-        if reporter is None:
-            from lightning_gfm.loggers import GFMReporter
-
-            reporter = self.__dict__["_gfm_reporter"] = GFMReporter(seed=self.seed, warn=rank_zero_warn)
-        return reporter
-
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
         """Measure a rolled-back forecast once the run reaches the step it aimed at (``gfm/forecast_skill/...``)."""
-        reporter = self.__dict__.get("_gfm_reporter")
-        if reporter is not None and reporter.pending is not None:
+        reporter = self._reporter
+        if reporter.pending is not None:
             reporter.observe(trainer.loggers, trainer.global_step, self._spec, trainer.is_global_zero)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
