@@ -30,7 +30,7 @@ from lightning_gfm.dynamics import (
     read_state,
     step_count,
 )
-from lightning_gfm.fields import load_field, save_field
+from lightning_gfm.fields import load_field, resolve_field, save_field
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import fit_field
 from lightning_gfm.flow.ode import SOLVERS
@@ -78,8 +78,10 @@ class GFMCallback(pl.Callback):
         optimizer_state: after an accepted jump, take the ``"forecast"`` optimizer state the ODE carried (the
             default: best test loss with Adam in ``benchmarks/state_policy.py``, no difference with SGD momentum),
             ``"keep"`` the anchor's moments, or ``"reset"`` them.
-        field: path (``str`` or ``os.PathLike``) of a saved field (safetensors) to start from; ``None`` starts
-            from the prior (the constant-gradient forecast).
+        field: path (``str`` or ``os.PathLike``) of a saved field (safetensors) to start from; ``"pretrained"``
+            (or ``"pretrained:<name>"``) for a field shipped with the package (see ``docs/pretrained.md``);
+            ``None`` starts from the prior (the constant-gradient forecast). With ``fit_steps > 0`` a loaded field
+            is fine-tuned online on the run's own window; ``fit_steps=0`` uses it as it is.
         fit_steps: gradient steps of each online fit (0 disables online fitting).
         fit_batch: scalars per fitting step.
         fit_seconds: wall-clock cap of one fit.
@@ -87,6 +89,10 @@ class GFMCallback(pl.Callback):
         history: past velocities the field sees.
         hidden: hidden width of the field's network.
         span: record intervals ahead the field is fitted for.
+        anchor: where the forecast's starting gradient comes from: ``"state"``, the optimizer's moments at the
+            latest snapshot, or ``"velocity"``, the mean of the last ``history`` velocities pushed back through
+            the optimizer's preconditioning (less noisy; the prior field then extrapolates the recent average
+            velocity, shaped by the optimizer and its learning-rate schedule).
         solver: fixed-step torchdyn solver: ``"euler"``, ``"midpoint"`` or ``"rk4"``.
         buffer_device: where snapshots are stored.
         buffer_dtype: dtype of stored snapshots (a ``torch.dtype`` or its name; ``"bfloat16"`` halves memory).
@@ -125,6 +131,7 @@ class GFMCallback(pl.Callback):
         history: int = 3,
         hidden: int = 16,
         span: int = 12,
+        anchor: Literal["state", "velocity"] = "state",
         solver: Literal["euler", "midpoint", "rk4"] = "rk4",
         buffer_device: str | torch.device = "cpu",
         buffer_dtype: torch.dtype | Literal["float32", "bfloat16", "float16"] = "float32",
@@ -183,6 +190,8 @@ class GFMCallback(pl.Callback):
             )
         if field is not None and not isinstance(field, str | os.PathLike):
             raise ValueError(f"`field` must be a path to a saved field or None, got {type(field).__name__}.")
+        if field is not None:
+            field = resolve_field(field)  # "pretrained" / "pretrained:<name>" -> the shipped file
         if field is not None and not os.path.isfile(field):
             raise FileNotFoundError(f"`field` file not found: {str(field)!r}.")
         self.record_every = record_every
@@ -199,7 +208,9 @@ class GFMCallback(pl.Callback):
         self.fit_batch = fit_batch
         self.fit_seconds = fit_seconds
         self.backtest = backtest
-        self.field_config = FieldConfig(history=history, hidden=hidden, span=float(span))
+        if anchor not in ("state", "velocity"):
+            raise ValueError(f"`anchor` must be 'state' or 'velocity', got {anchor!r}.")
+        self.field_config = FieldConfig(history=history, hidden=hidden, span=float(span), anchor=anchor)
         self.solver = solver
         self.buffer_device = torch.device(buffer_device)
         self.buffer_dtype = buffer_dtype

@@ -89,6 +89,14 @@ class Dynamics(ABC):
     def gradient_estimate(self, w: Tensor, state: dict[str, Tensor], u: Tensor, lr: Tensor, k: float) -> Tensor:
         """Loss gradient implied at the anchor by the optimizer state or the last velocity ``u``, shape ``(P,)``."""
 
+    def gradient_from_velocity(self, w: Tensor, state: dict[str, Tensor], u: Tensor, lr: Tensor, k) -> Tensor:
+        """Loss gradient that, held constant, would produce the velocity ``u`` in steady state, shape ``(P,)``.
+
+        The optimizer's preconditioning is taken from ``state``; the direction from ``u`` (typically an average
+        of recent velocities, which is less noisy than the instantaneous moments).
+        """
+        return self.gradient_estimate(w, state, u, lr, k)
+
     @abstractmethod
     def gradient_scale(self, state: dict[str, Tensor], u_rms: Tensor, lr: Tensor, k: float) -> Tensor:
         """Typical gradient magnitude of every scalar, shape ``(P,)``; the field predicts in these units."""
@@ -139,6 +147,14 @@ class MomentumDynamics(Dynamics):
         gp = state["momentum_buffer"] * (1 - mu) / (1 - damp).clamp_min(_TINY)
         return self._sign(gp - self.h("weight_decay", w) * w)
 
+    def gradient_from_velocity(self, w, state, u, lr, k):
+        mu, damp = self.h("momentum", w), self.h("dampening", w)
+        gain = (1 - damp) / (1 - mu)
+        if self.hyper["nesterov"][0]:
+            gain = 1 + mu * gain
+        gp = -u / (lr.clamp_min(_TINY) * gain)
+        return self._sign(gp) - self.h("weight_decay", w) * w
+
     def gradient_scale(self, state, u_rms, lr, k):
         mu = self.h("momentum", u_rms)
         return u_rms * (1 - mu) / lr.clamp_min(_TINY) + _TINY
@@ -178,6 +194,12 @@ class AdamDynamics(Dynamics):
         m_hat, _ = self._hat(state["exp_avg"], state["exp_avg_sq"], k, w)
         coupled = (1 - self.h("decoupled", w)) * self.h("weight_decay", w)
         return self._sign(m_hat - coupled * w)
+
+    def gradient_from_velocity(self, w, state, u, lr, k):
+        decoupled, wd = self.h("decoupled", w), self.h("weight_decay", w)
+        denom = self.gradient_scale(state, u, lr, k)
+        m_hat = (-u / lr.clamp_min(_TINY) - decoupled * wd * w) * denom
+        return self._sign(m_hat) - (1 - decoupled) * wd * w
 
     def gradient_scale(self, state, u_rms, lr, k):
         _, v_hat = self._hat(state["exp_avg"], state["exp_avg_sq"], k, u_rms)
@@ -232,6 +254,13 @@ class RMSpropDynamics(Dynamics):
             gp = state["momentum_buffer"] * (1 - self.h("momentum", w)) * avg
         else:
             gp = -u * avg / lr.clamp_min(_TINY)
+        return self._sign(gp) - self.h("weight_decay", w) * w
+
+    def gradient_from_velocity(self, w, state, u, lr, k):
+        avg = self._avg(state["square_avg"], state.get("grad_avg"), self.h("eps", w))
+        gp = -u * avg / lr.clamp_min(_TINY)
+        if "momentum_buffer" in state:
+            gp = gp * (1 - self.h("momentum", w))
         return self._sign(gp) - self.h("weight_decay", w) * w
 
     def gradient_scale(self, state, u_rms, lr, k):

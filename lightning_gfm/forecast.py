@@ -88,7 +88,7 @@ def forecast(
     names = list(win.state)
     for lo in range(0, n_out, chunk_size):
         idx = index[lo : lo + chunk_size]
-        ctx = anchor_context(win, dyn, anchor, idx, history, device=device)
+        ctx = anchor_context(win, dyn, anchor, idx, history, device=device, anchor_mode=field.config.anchor)
         emb = field.embed(ctx.static)
         group = win.group_index[idx.to(win.group_index.device)].to(device)
         c = idx.numel()

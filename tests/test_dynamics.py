@@ -84,6 +84,13 @@ def test_gradient_estimate_recovers_a_constant_gradient(name):
     k = torch.tensor(float(step_count(opt, spec)))
     g0 = dyn.gradient_estimate(spec.flatten(), state, torch.zeros(6), lr, k)
     torch.testing.assert_close(g0, g_true, rtol=1e-3, atol=1e-4)
+    # the same gradient, read back from the steady velocity through the optimizer's preconditioning
+    w_before = spec.flatten()
+    p.grad = g_true.clone()
+    opt.step()
+    u = spec.flatten() - w_before
+    g_u = dyn.gradient_from_velocity(w_before, state, u, lr, k)
+    torch.testing.assert_close(g_u, g_true, rtol=1e-2, atol=1e-3)
 
 
 def test_sgd_gradient_estimate_from_velocity():

@@ -13,7 +13,54 @@ from lightning_gfm.flow.field import FieldConfig, GradientField
 FORMAT = "lightning-gfm-field"
 VERSION = 1
 
-__all__ = ["FORMAT", "VERSION", "load_field", "save_field"]
+__all__ = ["FORMAT", "PRETRAINED", "VERSION", "field_info", "load_field", "pretrained_path", "resolve_field", "save_field"]
+
+_PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+#: fields shipped with the package: name -> file under ``lightning_gfm/fields/pretrained/``.
+#: ``GFMCallback(field="pretrained")`` loads ``default``; ``field="pretrained:<name>"`` loads another.
+PRETRAINED: dict[str, str] = {"default": "default.safetensors"}
+
+
+def pretrained_path(name: str = "default") -> Path:
+    """Path of the shipped field ``name`` (a key of :data:`PRETRAINED`).
+
+    Raises:
+        ValueError: unknown name (the message lists the shipped ones).
+        FileNotFoundError: the name is registered but its file is missing from this installation.
+    """
+    if name not in PRETRAINED:
+        raise ValueError(f"Unknown pretrained field {name!r}; shipped: {sorted(PRETRAINED)} (use 'pretrained' or "
+                         f"'pretrained:<name>').")
+    path = _PRETRAINED_DIR / PRETRAINED[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained field {name!r} is not installed: {str(path)!r} is missing.")
+    return path
+
+
+def resolve_field(field: str | os.PathLike) -> str:
+    """Map ``"pretrained"`` / ``"pretrained:<name>"`` to the shipped file; any other value is returned as a path."""
+    text = os.fspath(field)
+    if text == "pretrained":
+        return str(pretrained_path("default"))
+    if text.startswith("pretrained:"):
+        return str(pretrained_path(text.split(":", 1)[1]))
+    return text
+
+
+def field_info(path: str | os.PathLike) -> dict:
+    """Metadata of a saved field without building it: format, version, config and ``trained_on`` (parsed as JSON
+    when it is JSON)."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(resolve_field(path)), framework="pt", device="cpu") as f:
+        meta = dict(f.metadata() or {})
+    for key in ("config", "trained_on"):
+        try:
+            meta[key] = json.loads(meta[key])
+        except (KeyError, ValueError):
+            pass
+    return meta
 
 
 def save_field(field: GradientField, path: str | os.PathLike, trained_on: str = "") -> Path:

@@ -36,12 +36,17 @@ class FieldConfig:
         hidden: width of the hidden layers.
         depth: number of hidden layers (at least 1).
         span: fitted time range, in record intervals, that ``tau = 1`` stands for.
+        anchor: where the anchor's gradient estimate comes from: ``"state"`` (the optimizer's moments at the
+            anchor) or ``"velocity"`` (the mean of the last ``history`` velocities pushed back through the
+            optimizer's preconditioning: smoother, and the prior becomes linear extrapolation shaped by the
+            optimizer and its learning-rate schedule).
     """
 
     history: int = 3
     hidden: int = 16
     depth: int = 2
     span: float = 8.0
+    anchor: str = "state"
 
     @property
     def n_static(self) -> int:
@@ -125,6 +130,8 @@ class GradientField(nn.Module):
         c = self.config
         if c.depth < 1 or c.hidden < 1 or c.history < 1:
             raise ValueError(f"`FieldConfig` needs depth, hidden and history >= 1, got {c}.")
+        if c.anchor not in ("state", "velocity"):
+            raise ValueError(f"`FieldConfig.anchor` must be 'state' or 'velocity', got {c.anchor!r}.")
         self.static_in = nn.Linear(c.n_static, c.hidden)
         self.dynamic_in = nn.Linear(N_DYNAMIC, c.hidden, bias=False)
         self.body = nn.ModuleList(nn.Linear(c.hidden, c.hidden) for _ in range(c.depth - 1))

@@ -76,7 +76,7 @@ def matching_loss(
         A scalar tensor.
     """
     i, a, j, theta = (t.to(win.w.device) for t in sample)
-    ctx = anchor_context(win, dyn, a, i, history, device=device)
+    ctx = anchor_context(win, dyn, a, i, history, device=device, anchor_mode=field.config.anchor)
     th = theta.to(device)
 
     def lerp(v: Tensor) -> Tensor:

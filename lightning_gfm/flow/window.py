@@ -156,7 +156,9 @@ class Context:
     interval: float
 
 
-def anchor_context(win: Window, dyn: Dynamics, anchor: Tensor | int, idx: Tensor, history: int, device=None) -> Context:
+def anchor_context(
+    win: Window, dyn: Dynamics, anchor: Tensor | int, idx: Tensor, history: int, device=None, anchor_mode="state"
+) -> Context:
     """Gather the anchor's context for scalars ``idx``.
 
     Args:
@@ -166,6 +168,7 @@ def anchor_context(win: Window, dyn: Dynamics, anchor: Tensor | int, idx: Tensor
         idx: scalar indices, shape ``(B,)``.
         history: number of past velocities used.
         device: where the context lives (the model's device).
+        anchor_mode: ``"state"`` or ``"velocity"`` (see :class:`~lightning_gfm.flow.field.FieldConfig`).
     """
     a = torch.as_tensor(anchor, device=win.w.device)
     if int(a.min()) < history:
@@ -183,7 +186,10 @@ def anchor_context(win: Window, dyn: Dynamics, anchor: Tensor | int, idx: Tensor
     k0 = g(win.opt_steps.to(win.w.device)[a].float().expand_as(w0))
     u_rms = g(win.u_rms[i])
     hist = torch.stack([g(win.u[a - history + r, i]) for r in range(history)])
-    g0 = d.gradient_estimate(w0, state0, hist[-1], lr0, k0)
+    if anchor_mode == "velocity":
+        g0 = d.gradient_from_velocity(w0, state0, hist.mean(0), lr0, k0)
+    else:
+        g0 = d.gradient_estimate(w0, state0, hist[-1], lr0, k0)
     g_scale = d.gradient_scale(state0, u_rms, lr0, k0)
     g0_norm = g0 / g_scale
     static = static_features(
