@@ -296,7 +296,7 @@ class GFMCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         """After an optimizer step: record, and maybe jump."""
         step = trainer.global_step
-        if step == self._last_step:  # gradient accumulation: no optimizer step happened
+        if step == self._last_step or step == 0:  # gradient accumulation: no optimizer step happened
             return
         self._last_step = step
         jump = self.should_jump(step)
