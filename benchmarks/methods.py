@@ -6,6 +6,9 @@
 * ``ema``: Lightning's :class:`~lightning.pytorch.callbacks.EMAWeightAveraging`; the measured model is the EMA
   model, as Lightning evaluates it during validation and hands it back at the end of training.
 * ``gfm``: :class:`~lightning_gfm.GFMCallback` with the task's :class:`~benchmarks.tasks.JumpSchedule`.
+* ``gfm-pretrained``: the same callback starting from the field shipped with the package
+  (``field="pretrained"``), frozen (``fit_steps=PRETRAINED_FIT_STEPS``); its backtest against the prior still
+  decides, jump by jump, which of the two forecasts.
 * ``oracle``: :class:`OracleJumps`, whose forecast is the baseline run's own recorded weights ``h`` steps ahead of
   where the run stands on the baseline's trajectory (its step plus the horizons it already jumped; linearly
   interpolated between records): the ceiling any forecaster reaches with this schedule.
@@ -26,8 +29,9 @@ from lightning_gfm.flow.window import Window
 from lightning_gfm.forecast import ForecastPath
 from lightning_gfm.params import ParamSpec
 
-METHODS = ("baseline", "linear", "ema", "gfm", "oracle")
-JUMP_METHODS = ("linear", "gfm", "oracle")
+METHODS = ("baseline", "linear", "ema", "gfm", "gfm-pretrained", "oracle")
+JUMP_METHODS = ("linear", "gfm", "gfm-pretrained", "oracle")
+PRETRAINED_FIT_STEPS = 0  # online fine-tuning of the shipped field: measured in docs/pretrained.md
 
 
 class TimedGFM(GFMCallback):
@@ -134,6 +138,8 @@ def make_callbacks(
         return [LinearJumps(**shared)]
     if method == "gfm":
         return [TimedGFM(**shared)]
+    if method == "gfm-pretrained":
+        return [TimedGFM(field="pretrained", fit_steps=PRETRAINED_FIT_STEPS, **shared)]
     if method == "oracle":
         if reference is None:
             raise ValueError("The oracle needs the baseline's recorded trajectory: run the baseline first.")

@@ -45,7 +45,7 @@ _ESTIMATE = {
 
 def _estimate(task: str, method: str, quick: bool) -> float:
     base, gfm = _ESTIMATE[quick][task]
-    return gfm if method == "gfm" else base * (1.0 if method == "baseline" else 1.1)
+    return gfm if method.startswith("gfm") else base * (1.0 if method == "baseline" else 1.1)
 
 
 class Measure(pl.Callback):

@@ -35,8 +35,10 @@ from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
 
 FORMAT = "lightning-gfm-trajectory"
 VERSION = 1
-_DYNAMICS = {c.__name__: c for c in (_dynamics.SGDDynamics, _dynamics.MomentumDynamics, _dynamics.AdamDynamics,
-                                     _dynamics.RMSpropDynamics)}
+_DYNAMICS = {
+    c.__name__: c
+    for c in (_dynamics.SGDDynamics, _dynamics.MomentumDynamics, _dynamics.AdamDynamics, _dynamics.RMSpropDynamics)
+}
 
 __all__ = [
     "FORMAT",
@@ -108,12 +110,14 @@ def _spec_from_meta(m: dict) -> ParamSpec:
     offsets = [0]
     for p in params:
         offsets.append(offsets[-1] + p.numel())
-    return ParamSpec(names=list(m["names"]), params=params, offsets=offsets, groups=list(m["groups"]),
-                     roles=list(m["roles"]))
+    return ParamSpec(
+        names=list(m["names"]), params=params, offsets=offsets, groups=list(m["groups"]), roles=list(m["roles"])
+    )
 
 
-def save_trajectory(path: str | os.PathLike, buffer: TrajectoryBuffer, spec: ParamSpec, dyn: Dynamics,
-                    meta: dict) -> Path:
+def save_trajectory(
+    path: str | os.PathLike, buffer: TrajectoryBuffer, spec: ParamSpec, dyn: Dynamics, meta: dict
+) -> Path:
     """Write one trajectory shard (atomically: a temporary file renamed into place)."""
     from safetensors.torch import save_file
 
@@ -245,8 +249,12 @@ def _mlp(n_in: int, hidden: Sequence[int], n_out: int, act: str) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(n_in, n_out))
 
 
-_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-               "rmsprop": torch.optim.RMSprop}
+_OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+}
 
 
 @dataclass(frozen=True)
@@ -283,7 +291,9 @@ class RunSpec:
     def name(self) -> str:
         kw = "-".join(f"{k}{v if not isinstance(v, tuple) else '_'.join(map(str, v))}" for k, v in self.opt_kwargs)
         arch = "x".join(map(str, self.hidden)) or "linear"
-        return f"{self.dataset}_{arch}{self.act}_{self.optimizer}-{kw}_{self.schedule}_i{self.init_seed}d{self.data_seed}"
+        return (
+            f"{self.dataset}_{arch}{self.act}_{self.optimizer}-{kw}_{self.schedule}_i{self.init_seed}d{self.data_seed}"
+        )
 
     def to_meta(self) -> dict:
         d = asdict(self)
@@ -329,12 +339,15 @@ def record_run(spec: RunSpec) -> Trajectory:
             sched.step()
         if s % spec.record_every == 0:
             lrs = torch.tensor([g["lr"] for g in opt.param_groups], dtype=torch.float64)
-            buf.append(Snapshot(s, pspec.flatten(), read_state(opt, pspec, dyn.state_names), lrs,
-                                step_count(opt, pspec)))
+            buf.append(
+                Snapshot(s, pspec.flatten(), read_state(opt, pspec, dyn.state_names), lrs, step_count(opt, pspec))
+            )
     meta = {
         "task": {"dataset": spec.dataset, "arch": f"mlp{list(spec.hidden)}-{spec.act}", "loss": loss_kind},
-        "optimizer": {"class": type(opt).__name__, **{k: list(v) if isinstance(v, tuple) else v
-                                                      for k, v in spec.opt_kwargs}},
+        "optimizer": {
+            "class": type(opt).__name__,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.opt_kwargs},
+        },
         "schedule": spec.schedule,
         "seeds": {"init": spec.init_seed, "data": spec.data_seed},
         "steps": spec.steps,
@@ -367,24 +380,29 @@ def _suite_pretrain() -> list[RunSpec]:
     i = 0
     for data in _TRAIN_DATA:
         for hidden, act in _ARCHS:
-            for opt_name, (opt, kw) in _OPTS.items():
+            for opt, kw in _OPTS.values():
                 schedule = ("constant", "cosine")[i % 2]
                 runs.append(RunSpec(data, hidden, act, opt, kw, schedule, init_seed=i % 3, data_seed=i % 2))
                 i += 1
-    del opt_name
     return runs
 
 
 def _suite_heldout_init() -> list[RunSpec]:
-    # same tasks, architectures and optimizer settings as pre-training; initialisations 100+ never trained on
-    return [replace(r, init_seed=100 + k % 3, data_seed=7) for k, r in enumerate(_suite_pretrain()[::9])]
+    # same tasks, architectures and optimizer settings as pre-training; initialisations 100+ never trained on.
+    # One run per (dataset, architecture), its optimizer setting rotating through all nine.
+    runs = _suite_pretrain()
+    n_opt = len(_OPTS)
+    pick = [runs[g * n_opt + g % n_opt] for g in range(len(runs) // n_opt)]
+    return [replace(r, init_seed=100 + k % 3, data_seed=7) for k, r in enumerate(pick)]
 
 
 def _suite_heldout_arch() -> list[RunSpec]:
     # an architecture never trained on: a deeper, wider GELU MLP
     opts = ["sgd-0.1", "momentum-0.03", "adam-1e-3", "adamw-1e-3", "rmsprop-1e-3"]
-    return [RunSpec(d, (96, 48, 24), "gelu", *_OPTS[o], "constant", init_seed=200 + k, data_seed=7)
-            for k, (d, o) in enumerate((d, o) for d in ("wine", "blobs") for o in opts)]
+    return [
+        RunSpec(d, (96, 48, 24), "gelu", *_OPTS[o], "constant", init_seed=200 + k, data_seed=7)
+        for k, (d, o) in enumerate((d, o) for d in ("wine", "blobs") for o in opts)
+    ]
 
 
 def _suite_heldout_opt() -> list[RunSpec]:
@@ -396,13 +414,16 @@ def _suite_heldout_opt() -> list[RunSpec]:
         ("adamw", (("lr", 3e-4), ("weight_decay", 0.1)), "constant"),
         ("rmsprop", (("lr", 2e-3), ("alpha", 0.9)), "step"),
     ]
-    return [RunSpec(d, h, a, o, kw, sch, init_seed=300 + k, data_seed=7)
-            for k, (d, (h, a), (o, kw, sch)) in enumerate(
-                (d, arch, s) for d in ("wine", "moons") for arch in _ARCHS[:1] + _ARCHS[1:2] for s in settings)]
+    return [
+        RunSpec(d, h, a, o, kw, sch, init_seed=300 + k, data_seed=7)
+        for k, (d, (h, a), (o, kw, sch)) in enumerate(
+            (d, arch, s) for d in ("wine", "moons") for arch in _ARCHS[:1] + _ARCHS[1:2] for s in settings
+        )
+    ]
 
 
 def _suite_smoke() -> list[RunSpec]:
-    return [replace(r, steps=120) for r in _suite_pretrain()[:: 27]]
+    return [replace(r, steps=200) for r in _suite_pretrain()[::27]]
 
 
 #: named sets of runs; ``pretrain`` is what the shipped field was trained on; the ``heldout-*`` suites differ
@@ -416,8 +437,13 @@ SUITES: dict[str, Callable[[], list[RunSpec]]] = {
 }
 
 
-def record_suite(suite: str | Sequence[RunSpec], out: str | os.PathLike, *, progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> list[Path]:
+def record_suite(
+    suite: str | Sequence[RunSpec],
+    out: str | os.PathLike,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
     """Record every run of ``suite`` into the directory ``out``, skipping shards already there (resumable)."""
     from tqdm.auto import tqdm
 

@@ -83,8 +83,10 @@ def pretrain_field(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> tuple[GradientField, dict]:
-    """Meta-train a field on ``trajs``; resumable from ``checkpoint`` (a ``torch.save`` of tensors, read with
-    ``weights_only=True``).
+    """Meta-train a field on ``trajs``.
+
+    Resumable: every ``checkpoint_every`` steps the field, its optimizer and the step go to ``checkpoint`` (a
+    ``torch.save`` of tensors and numbers, read back with ``weights_only=True``), deleted when training ends.
 
     Returns:
         The field and a report (losses, seconds, steps, windows).
@@ -117,8 +119,14 @@ def pretrain_field(
     history, span = field.config.history, field.config.span
     t0 = time.perf_counter()
     field.train()
-    bar = tqdm(range(start_step, config.steps), desc="pretrain", disable=not progress, unit="step",
-               initial=start_step, total=config.steps)
+    bar = tqdm(
+        range(start_step, config.steps),
+        desc="pretrain",
+        disable=not progress,
+        unit="step",
+        initial=start_step,
+        total=config.steps,
+    )
     for step in bar:
         total = 0.0
         for _ in range(config.windows_per_step):
@@ -144,17 +152,26 @@ def pretrain_field(
             bar.set_postfix(loss=f"{statistics.fmean(losses[-50:]):.4f}")
         if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"field": field.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step + 1, "losses": losses}, ckpt)
+            torch.save(
+                {
+                    "field": field.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step + 1,
+                    "losses": losses,
+                },
+                ckpt,
+            )
     field.eval()
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()
-    tail = losses[-max(1, len(losses) // 20):]
+    n_avg = max(1, min(500, len(losses) // 20))
+    head, tail = losses[:n_avg], losses[-n_avg:]
     report = {
         "config": asdict(config),
         "trajectories": len(trajs),
         "families": {f: len(v) for f, v in fam.items()},
-        "loss_first": statistics.fmean(losses[:50]) if losses else float("nan"),
+        "loss_first": statistics.fmean(head) if head else float("nan"),
         "loss_last": statistics.fmean(tail) if tail else float("nan"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -212,12 +229,26 @@ def evaluate_fields(
             for name in finetune:
                 variants[f"{name}+ft"] = _clone(fields[name])
             for name, f in variants.items():
-                fit_field(f, torch.optim.Adam(f.parameters(), lr=online_lr), past, traj.dyn, steps=online_steps,
-                          batch=online_batch, seed=seed)
+                fit_field(
+                    f,
+                    torch.optim.Adam(f.parameters(), lr=online_lr),
+                    past,
+                    traj.dyn,
+                    steps=online_steps,
+                    batch=online_batch,
+                    seed=seed,
+                )
                 results[name] = _error(f, traj, lo, end, lag)
             for name, err in results.items():
-                rows.append({"trajectory": traj.name, "family": traj.family, "p": p, "field": name,
-                             "rel_error": err if math.isfinite(err) else None})
+                rows.append(
+                    {
+                        "trajectory": traj.name,
+                        "family": traj.family,
+                        "p": p,
+                        "field": name,
+                        "rel_error": err if math.isfinite(err) else None,
+                    }
+                )
     return rows
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,16 @@ from lightning_gfm.flow.field import FieldConfig, GradientField
 FORMAT = "lightning-gfm-field"
 VERSION = 1
 
-__all__ = ["FORMAT", "PRETRAINED", "VERSION", "field_info", "load_field", "pretrained_path", "resolve_field", "save_field"]
+__all__ = [
+    "FORMAT",
+    "PRETRAINED",
+    "VERSION",
+    "field_info",
+    "load_field",
+    "pretrained_path",
+    "resolve_field",
+    "save_field",
+]
 
 _PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 
@@ -30,8 +40,10 @@ def pretrained_path(name: str = "default") -> Path:
         FileNotFoundError: the name is registered but its file is missing from this installation.
     """
     if name not in PRETRAINED:
-        raise ValueError(f"Unknown pretrained field {name!r}; shipped: {sorted(PRETRAINED)} (use 'pretrained' or "
-                         f"'pretrained:<name>').")
+        raise ValueError(
+            f"Unknown pretrained field {name!r}; shipped: {sorted(PRETRAINED)} (use 'pretrained' or "
+            f"'pretrained:<name>')."
+        )
     path = _PRETRAINED_DIR / PRETRAINED[name]
     if not path.is_file():
         raise FileNotFoundError(f"pretrained field {name!r} is not installed: {str(path)!r} is missing.")
@@ -49,17 +61,18 @@ def resolve_field(field: str | os.PathLike) -> str:
 
 
 def field_info(path: str | os.PathLike) -> dict:
-    """Metadata of a saved field without building it: format, version, config and ``trained_on`` (parsed as JSON
-    when it is JSON)."""
+    """Metadata of a saved field without building it.
+
+    Returns:
+        ``format``, ``version``, ``config`` and ``trained_on``, the last two parsed when they are JSON.
+    """
     from safetensors import safe_open
 
     with safe_open(os.fspath(resolve_field(path)), framework="pt", device="cpu") as f:
         meta = dict(f.metadata() or {})
     for key in ("config", "trained_on"):
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             meta[key] = json.loads(meta[key])
-        except (KeyError, ValueError):
-            pass
     return meta
 
 
