@@ -149,6 +149,8 @@ def render(result: dict, images: list[Path], doc: Path, report_command: str) -> 
         f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, torch "
         f"{result['machine']['torch']}, lightning {result['machine']['lightning']}"
         + (" — **quick mode: tiny budgets, smoke test only, not a measurement**" if result.get("quick") else ""),
+        f"Runtime of that command: {sum(r.get('wall_seconds', 0.0) for r in result['runs']) / 60:.1f} min "
+        f"({len(result['runs'])} runs, one after the other).",
         "",
     ]
     for task, by_method in stats.items():
