@@ -486,7 +486,8 @@ class GFMCallback(pl.Callback):
             for i, batch in enumerate(loaders):
                 if i >= self.eval_batches:
                     break
-                batches.append(trainer.strategy.batch_to_device(batch))
+                batch = trainer.strategy.batch_to_device(batch)
+                batches.append(trainer.precision_plugin.convert_input(batch))  # e.g. bf16-true casts inputs
         if not batches:
             raise ValueError("GFMCallback found no batch to evaluate candidates on (the loader is empty).")
         self._eval_cache = (batches, step_name)
@@ -496,7 +497,9 @@ class GFMCallback(pl.Callback):
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         batches, step_name = self._eval_data(trainer, pl_module)
         total = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
-        with _quiet_evaluation(pl_module) as logs:
+        plugin = trainer.precision_plugin
+        context = plugin.val_step_context() if step_name == "validation_step" else plugin.train_step_context()
+        with _quiet_evaluation(pl_module) as logs, context:  # the same autocast as the real step
             for i, batch in enumerate(batches):
                 logs.batch_size = _batch_size(batch)
                 out = getattr(pl_module, step_name)(batch, i)

@@ -449,3 +449,15 @@ def test_saved_field_is_the_starting_field(fitted, tmp_path):
         not torch.equal(v, w) for v, w in zip(saved.values(), new._prior("cpu").state_dict().values(), strict=True)
     )
     assert new.jumps
+
+
+@pytest.mark.parametrize(
+    ("precision", "buffer_dtype"), [("bf16-mixed", "float32"), ("bf16-true", "float32"), ("32-true", "bfloat16")]
+)
+def test_precisions_and_bf16_snapshots(tmp_path, precision, buffer_dtype):
+    pl.seed_everything(0, verbose=False)
+    cb = GFMCallback(record_every=5, jump_every=50, fit_steps=10, fit_batch=512, buffer_dtype=buffer_dtype)
+    trainer = tiny_trainer(tmp_path, [cb], max_steps=100, precision=precision)
+    trainer.fit(DigitsModule())
+    assert cb.jumps and all(math.isfinite(j.metric_before) for j in cb.jumps)
+    assert cb.buffer.weights().dtype == torch.float32 and cb.buffer[0].weights.dtype == getattr(torch, buffer_dtype)
