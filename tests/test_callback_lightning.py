@@ -461,3 +461,37 @@ def test_precisions_and_bf16_snapshots(tmp_path, precision, buffer_dtype):
     trainer.fit(DigitsModule())
     assert cb.jumps and all(math.isfinite(j.metric_before) for j in cb.jumps)
     assert cb.buffer.weights().dtype == torch.float32 and cb.buffer[0].weights.dtype == getattr(torch, buffer_dtype)
+
+
+class _EpochSchedule(DigitsModule):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class _LrSpy(GFMCallback):
+    """Predicts the learning rates of the next steps at step 10, then records the ones really used."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.predicted, self.used = None, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.used[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == 10:
+            self.predicted = self._lr_steps(trainer, 10, 40)[:, 0].tolist()
+
+
+def test_epoch_interval_schedule_is_forecast_exactly(tmp_path):
+    # 1100 samples / batch 64 = 18 steps per epoch: the forecast from step 10 crosses two epoch boundaries
+    pl.seed_everything(0, verbose=False)
+    cb = _LrSpy(record_every=5, jump_every=1000)
+    tiny_trainer(tmp_path, [cb], max_steps=51).fit(_EpochSchedule())
+    real = [cb.used[10 + s] for s in range(41)]
+    assert cb.predicted == pytest.approx(real)
+    assert len(set(real)) == 3  # 0.1, 0.05, 0.025: the test can see a wrong epoch boundary
