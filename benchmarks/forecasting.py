@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_gfm.dynamics import Dynamics, dynamics_for, future_learning_rates, lr_by_step, read_state, step_count
+from lightning_gfm.dynamics import Dynamics, dynamics_for, future_learning_rates, lr_by_step, take_snapshot
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import fit_field
 from lightning_gfm.flow.window import Window
 from lightning_gfm.forecast import backtest_error, forecast
 from lightning_gfm.params import ParamSpec
-from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
+from lightning_gfm.trajectory import TrajectoryBuffer
 
 FORECASTERS = ("last", "linear", "lstm", "transformer", "gfm", "gfm-fitted", "gfm-prior")
 SPLITS = ("seen", "unseen-init", "unseen-arch")
@@ -188,9 +188,7 @@ def record_run(arch: str, optimizer: str, init_seed: int, data_seed: int, data, 
         loss.backward()
         opt.step()
         if s % cfg.every == 0:
-            lrs = torch.tensor([g["lr"] for g in opt.param_groups], dtype=torch.float64)
-            state = read_state(opt, spec, dyn.state_names)
-            buf.append(Snapshot(s, spec.flatten(), state, lrs, step_count(opt, spec)))
+            buf.append(take_snapshot(opt, spec, dyn.state_names, s))
     return Run(arch, optimizer, init_seed, data_seed, model, opt, spec, dyn, buf)
 
 

@@ -27,8 +27,7 @@ from lightning_gfm.dynamics import (
     dynamics_for,
     future_learning_rates,
     lr_by_step,
-    read_state,
-    step_count,
+    take_snapshot,
 )
 from lightning_gfm.fields import load_field, resolve_field, save_field
 from lightning_gfm.flow.field import FieldConfig, GradientField
@@ -39,7 +38,7 @@ from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
 from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
 from lightning_gfm.loggers import GFMReporter
 from lightning_gfm.params import ParamSpec
-from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
+from lightning_gfm.trajectory import TrajectoryBuffer
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 
@@ -312,18 +311,10 @@ class GFMCallback(pl.Callback):
     # ------------------------------------------------------------- recording
     def _record(self, trainer: pl.Trainer, step: int) -> None:
         start = time.perf_counter()
-        opt = trainer.optimizers[0]
-        spec = self._spec
-        dev, dt = self.buffer.device, self.buffer.dtype
-        self.buffer.append(
-            Snapshot(
-                step=step,
-                weights=spec.flatten(device=dev, dtype=dt),
-                state=read_state(opt, spec, self._dyn.state_names, device=dev, dtype=dt),
-                lrs=torch.tensor([float(g["lr"]) for g in opt.param_groups], dtype=torch.float64),
-                opt_step=step_count(opt, spec),
-            )
+        snap = take_snapshot(
+            trainer.optimizers[0], self._spec, self._dyn.state_names, step, self.buffer.device, self.buffer.dtype
         )
+        self.buffer.append(snap)
         self.record_seconds += time.perf_counter() - start
 
     # ----------------------------------------------------------------- jumps

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gfm import dynamics as _dynamics
-from lightning_gfm.dynamics import Dynamics, dynamics_for, read_state, step_count
+from lightning_gfm.dynamics import Dynamics, dynamics_for, take_snapshot
 from lightning_gfm.params import ParamSpec
 from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
 
@@ -338,10 +338,7 @@ def record_run(spec: RunSpec) -> Trajectory:
         if sched is not None:
             sched.step()
         if s % spec.record_every == 0:
-            lrs = torch.tensor([g["lr"] for g in opt.param_groups], dtype=torch.float64)
-            buf.append(
-                Snapshot(s, pspec.flatten(), read_state(opt, pspec, dyn.state_names), lrs, step_count(opt, pspec))
-            )
+            buf.append(take_snapshot(opt, pspec, dyn.state_names, s))
     meta = {
         "task": {"dataset": spec.dataset, "arch": f"mlp{list(spec.hidden)}-{spec.act}", "loss": loss_kind},
         "optimizer": {

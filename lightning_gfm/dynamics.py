@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_gfm.params import ParamSpec
+from lightning_gfm.trajectory import Snapshot
 
 SUPPORTED = ("SGD", "Adam", "AdamW", "RMSprop")
 _TINY = 1e-12
@@ -374,6 +375,28 @@ def step_count(optimizer: torch.optim.Optimizer, spec: ParamSpec) -> int:
         if step is not None:
             return int(step.item() if isinstance(step, Tensor) else step)
     return 0
+
+
+def take_snapshot(
+    optimizer: torch.optim.Optimizer, spec: ParamSpec, state_names, step: int, device=None, dtype=None
+) -> Snapshot:
+    """The training state after optimizer step ``step``: flat weights, optimizer state, group lrs, step counter.
+
+    Args:
+        optimizer: the live optimizer.
+        spec: the tracked parameters.
+        state_names: optimizer state to keep (:attr:`Dynamics.state_names`).
+        step: global optimizer step.
+        device: where the flat copies are made (e.g. the buffer's device).
+        dtype: dtype of the flat copies.
+    """
+    return Snapshot(
+        step=step,
+        weights=spec.flatten(device=device, dtype=dtype),
+        state=read_state(optimizer, spec, state_names, device=device, dtype=dtype),
+        lrs=torch.tensor([float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float64),
+        opt_step=step_count(optimizer, spec),
+    )
 
 
 def future_learning_rates(optimizer: torch.optim.Optimizer, scheduler, n_calls: int) -> Tensor:

@@ -18,6 +18,12 @@ from lightning_gfm.params import ParamSpec, per_tensor_rms
 from lightning_gfm.trajectory import TrajectoryBuffer
 
 
+def _velocity_scales(u: Tensor, tensor_index: Tensor, n_tensors: int) -> tuple[Tensor, Tensor]:
+    """RMS velocity of each scalar over ``u`` (shape ``(K-1, P)``) and its RMS within each tensor, both ``(P,)``."""
+    u_rms = (u.pow(2).mean(0) + 1e-30).sqrt()
+    return u_rms, per_tensor_rms(u_rms, tensor_index, n_tensors, 1e-30)
+
+
 @dataclass
 class Window:
     """Tensors of a recorded window (on the buffer's device, float32).
@@ -66,7 +72,7 @@ class Window:
         u = (w[1:] - w[:-1]) / dt
         tindex = spec.tensor_index(dev)
         n = len(spec.params)
-        u_rms = (u.pow(2).mean(0) + 1e-30).sqrt()
+        u_rms, u_rms_tensor = _velocity_scales(u, tindex, n)
         w_rms = torch.stack([per_tensor_rms(row, tindex, n, 1e-12) for row in w])
         # per_tensor_rms broadcasts to scalars; keep one value per tensor
         first = torch.tensor(spec.offsets[:-1], device=dev)
@@ -79,7 +85,7 @@ class Window:
             opt_steps=torch.tensor([buffer[i].opt_step for i in range(len(buffer))], dtype=torch.float64),
             u=u,
             u_rms=u_rms,
-            u_rms_tensor=per_tensor_rms(u_rms, tindex, n, 1e-30),
+            u_rms_tensor=u_rms_tensor,
             w_rms_tensor=w_rms[:, first],
             roles=spec.role_index(dev),
             tensor_index=tindex,
@@ -93,8 +99,7 @@ class Window:
         if not 2 <= n <= self.K:
             raise ValueError(f"`n` must be in [2, {self.K}], got {n}.")
         u = self.u[: n - 1]
-        u_rms = (u.pow(2).mean(0) + 1e-30).sqrt()
-        n_tensors = int(self.tensor_index.max()) + 1
+        u_rms, u_rms_tensor = _velocity_scales(u, self.tensor_index, int(self.tensor_index.max()) + 1)
         return replace(
             self,
             steps=self.steps[:n],
@@ -104,7 +109,7 @@ class Window:
             opt_steps=self.opt_steps[:n],
             u=u,
             u_rms=u_rms,
-            u_rms_tensor=per_tensor_rms(u_rms, self.tensor_index, n_tensors, 1e-30),
+            u_rms_tensor=u_rms_tensor,
             w_rms_tensor=self.w_rms_tensor[:n],
             interval=float((self.steps[1:n] - self.steps[: n - 1]).median()),
             progress=self.progress[:n],
