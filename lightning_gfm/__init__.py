@@ -4,7 +4,7 @@
 along it, undoing every jump that does not help. ``import lightning_gfm`` imports neither torchdyn nor wandb.
 """
 
-from lightning_gfm.callback import GFMCallback
+from lightning_gfm.callback import GFMCallback, auto_schedule
 from lightning_gfm.dynamics import SUPPORTED, Dynamics, dynamics_for, future_learning_rates
 from lightning_gfm.fields import load_field, save_field
 from lightning_gfm.flow.field import FieldConfig, GradientField
@@ -37,6 +37,7 @@ __all__ = [
     "StatePolicy",
     "TrajectoryBuffer",
     "__version__",
+    "auto_schedule",
     "backtest_error",
     "dynamics_for",
     "forecast",

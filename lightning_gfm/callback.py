@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_gfm.distributed import Shard, fit_message_size
 from lightning_gfm.dynamics import (
     calls_needed,
     dynamics_for,
@@ -40,7 +41,13 @@ from lightning_gfm.loggers import GFMReporter
 from lightning_gfm.params import ParamSpec
 from lightning_gfm.trajectory import TrajectoryBuffer
 
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+#: strategies GFM refuses at setup, and why (docs/distributed.md has the support matrix and the per-shard design)
+_UNSUPPORTED_STRATEGIES = {
+    "FSDP": "each rank holds a flat shard of every parameter, and per-shard snapshots are not implemented yet.",
+    "ModelParallel": "parameters are DTensor shards, and per-shard snapshots are not implemented yet.",
+    "DeepSpeed": "DeepSpeed owns the optimizer step and (ZeRO) partitions the optimizer state GFM reads and writes.",
+    "XLA": "GFM's many small, data-dependent tensor operations are not written for XLA's lazy tensors.",
+}
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -48,26 +55,61 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
 
 
+def auto_schedule(
+    total_steps: int | None, record_every: int | None = None, jump_every: int | None = None
+) -> tuple[int, int]:
+    """The recording and jumping intervals GFM uses when they are not given.
+
+    A jump is attempted every sixth of the planned training and the window records ten snapshots per jump
+    interval, so a forecast of about one interval ahead rests on a trend measured over a comparable stretch.
+
+    Args:
+        total_steps: planned optimizer steps of the run (``None`` when unknown: a jump every 200 steps).
+        record_every: a given recording interval, kept as is.
+        jump_every: a given jump interval, kept as is.
+
+    Returns:
+        ``(record_every, jump_every)``.
+
+    Example:
+        >>> auto_schedule(2000), auto_schedule(None), auto_schedule(2000, record_every=5)
+        ((33, 333), (20, 200), (5, 333))
+    """
+    if jump_every is None:
+        jump_every = 200 if total_steps is None else max(6, round(total_steps / 6))
+    if record_every is None:
+        record_every = max(1, round(jump_every / 10))
+    return record_every, jump_every
+
+
 class GFMCallback(pl.Callback):
     r"""Gradient Flow Matching: forecast the run's own weight trajectory and jump ahead along it.
 
     Every ``record_every`` optimizer steps the callback stores the trainable weights and the optimizer state.
-    Every ``jump_every`` steps it fits an optimizer-aware vector field to the recorded window by flow matching,
-    integrates it with torchdyn up to ``horizon`` steps ahead, evaluates ``n_candidates`` points of that path
-    on validation batches, moves the weights (in place) to the best one if it beats staying put by
-    ``min_delta``, and otherwise restores the weights bit-exactly.
+    Every ``jump_every`` steps it starts from the denoised trend of the recent snapshots, integrates the
+    optimizer-aware vector field (the optimizer's own update rule driven by a gradient surrogate, under the
+    known learning-rate schedule; fitted online by flow matching when ``fit_steps > 0``, or loaded with
+    ``field``) with torchdyn up to ``horizon`` steps ahead, evaluates ``n_candidates`` points of that path on
+    validation batches, moves the weights (in place) to the best one if it beats both staying put and the
+    denoised start by ``min_delta``, and otherwise restores the weights bit-exactly.
 
     Args:
-        record_every: optimizer steps between snapshots.
+        record_every: optimizer steps between snapshots; ``None`` (default) derives it from ``jump_every``
+            (:func:`auto_schedule`).
         window: snapshots kept (memory: about ``window * (1 + n_state)`` copies of the weights on
             ``buffer_device``, where ``n_state`` is 0 for SGD, 1 for momentum, 2 for Adam).
-        jump_every: optimizer steps between jump attempts (attempts wait until the window is long enough).
+        jump_every: optimizer steps between jump attempts (attempts wait until the window is long enough);
+            ``None`` (default) makes it a sixth of the planned training (:func:`auto_schedule`), so that the
+            same callback fits runs of a few hundred and of a million steps.
         horizon: farthest forecast, in optimizer steps; ``None`` means as far as the field was fitted
             (``span`` record intervals, fewer while the window is shorter than ``span + history + 1``);
             ``"end"`` means the end of the planned training (the forecasted convergence point; beyond the fitted
             span the field holds its last learned time dependence).
             Never beyond the end of the planned training.
-        n_candidates: points of the forecast path evaluated, evenly spaced up to the horizon.
+        n_candidates: points of the forecast path evaluated up to the horizon (plus the path's start when it is
+            a denoised point, ``anchor="trend"``).
+        spacing: ``"geometric"``, candidates at the horizon, half of it, a quarter, ...; ``"even"``, evenly
+            spaced up to it.
         monitor: metric logged by ``validation_step`` that decides; default ``"val_loss"``. Without a
             validation loop, ``training_step`` is run on a held-back slice of training batches and its logged
             ``monitor`` or, failing that, its returned loss decides.
@@ -81,17 +123,23 @@ class GFMCallback(pl.Callback):
             (or ``"pretrained:<name>"``) for a field shipped with the package (see ``docs/pretrained.md``);
             ``None`` starts from the prior (the constant-gradient forecast). With ``fit_steps > 0`` a loaded field
             is fine-tuned online on the run's own window; ``fit_steps=0`` uses it as it is.
-        fit_steps: gradient steps of each online fit (0 disables online fitting).
+        fit_steps: gradient steps of each online flow-matching fit of the field to the run's own window (e.g.
+            ``100``). ``0`` (default) forecasts with the optimizer-aware prior field (or the loaded ``field``)
+            unchanged: on the benchmark the online fit cost time and saved no more steps (docs/experiments.md).
         fit_batch: scalars per fitting step.
         fit_seconds: wall-clock cap of one fit.
-        backtest: snapshots held back to check a fitted field against the prior before trusting it (0 disables).
+        backtest: snapshots held back to check a fitted or loaded field against the prior before trusting it
+            (0 disables; unused while the field is the prior itself).
         history: past velocities the field sees.
         hidden: hidden width of the field's network.
         span: record intervals ahead the field is fitted for.
-        anchor: where the forecast's starting gradient comes from: ``"state"``, the optimizer's moments at the
-            latest snapshot, or ``"velocity"``, the mean of the last ``history`` velocities pushed back through
-            the optimizer's preconditioning (less noisy; the prior field then extrapolates the recent average
-            velocity, shaped by the optimizer and its learning-rate schedule).
+        anchor: where the forecast starts and its starting gradient comes from: ``"state"``, the latest
+            snapshot and the optimizer's moments there; ``"velocity"``, the latest snapshot and the mean of the
+            last ``history`` velocities pushed back through the optimizer's preconditioning (less noisy; the
+            prior field then extrapolates the recent average velocity, shaped by the optimizer and its
+            learning-rate schedule); ``"trend"``, denoised: the least-squares line through the last ``trend``
+            snapshots gives the starting weights (its value now) and the velocity (its slope).
+        trend: snapshots in the least-squares line of ``anchor="trend"`` (at least 2).
         solver: fixed-step torchdyn solver: ``"euler"``, ``"midpoint"`` or ``"rk4"``.
         buffer_device: where snapshots are stored.
         buffer_dtype: dtype of stored snapshots (a ``torch.dtype`` or its name; ``"bfloat16"`` halves memory).
@@ -112,25 +160,27 @@ class GFMCallback(pl.Callback):
     def __init__(
         self,
         *,
-        record_every: int = 10,
+        record_every: int | None = None,
         window: int = 24,
-        jump_every: int = 200,
+        jump_every: int | None = None,
         horizon: int | Literal["end"] | None = None,
         n_candidates: int = 4,
+        spacing: Literal["geometric", "even"] = "geometric",
         monitor: str = "val_loss",
         mode: Literal["min", "max"] = "min",
         min_delta: float = 0.0,
         eval_batches: int = 4,
         optimizer_state: Literal["forecast", "keep", "reset"] = "forecast",
         field: str | None = None,
-        fit_steps: int = 100,
+        fit_steps: int = 0,
         fit_batch: int = 4096,
         fit_seconds: float | None = None,
         backtest: int = 3,
         history: int = 3,
         hidden: int = 16,
         span: int = 12,
-        anchor: Literal["state", "velocity"] = "state",
+        anchor: Literal["state", "velocity", "trend"] = "trend",
+        trend: int = 8,
         solver: Literal["euler", "midpoint", "rk4"] = "rk4",
         buffer_device: str | torch.device = "cpu",
         buffer_dtype: torch.dtype | Literal["float32", "bfloat16", "float16"] = "float32",
@@ -140,9 +190,11 @@ class GFMCallback(pl.Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_int("record_every", record_every, 1)
+        if record_every is not None:
+            _check_int("record_every", record_every, 1)
         _check_int("window", window, 4)
-        _check_int("jump_every", jump_every, 1)
+        if jump_every is not None:
+            _check_int("jump_every", jump_every, 1)
         if horizon is not None and horizon != "end":
             if isinstance(horizon, str):
                 raise ValueError(f"`horizon` must be an int >= 1, 'end' or None, got {horizon!r}.")
@@ -181,11 +233,15 @@ class GFMCallback(pl.Callback):
                 "`buffer_dtype` must be a floating torch.dtype (or 'float32', 'bfloat16', 'float16'), "
                 f"got {buffer_dtype!r}."
             )
-        min_window = history + max(backtest, 1) + 2
+        if anchor not in ("state", "velocity", "trend"):
+            raise ValueError(f"`anchor` must be 'state', 'velocity' or 'trend', got {anchor!r}.")
+        _check_int("trend", trend, 2)
+        first = max(history, trend - 1) if anchor == "trend" else history
+        min_window = first + max(backtest, 1) + 2
         if window < min_window:
             raise ValueError(
-                f"`window` must be >= history + max(backtest, 1) + 2 = {min_window} snapshots to fit and "
-                f"backtest a field, got {window}."
+                f"`window` must be >= {'max(history, trend - 1)' if anchor == 'trend' else 'history'} "
+                f"+ max(backtest, 1) + 2 = {min_window} snapshots to fit and backtest a field, got {window}."
             )
         if field is not None and not isinstance(field, str | os.PathLike):
             raise ValueError(f"`field` must be a path to a saved field or None, got {type(field).__name__}.")
@@ -193,11 +249,14 @@ class GFMCallback(pl.Callback):
             field = resolve_field(field)  # "pretrained" / "pretrained:<name>" -> the shipped file
         if field is not None and not os.path.isfile(field):
             raise FileNotFoundError(f"`field` file not found: {str(field)!r}.")
-        self.record_every = record_every
+        self._schedule_args = (record_every, jump_every)
+        self.record_every, self.jump_every = auto_schedule(None, record_every, jump_every)
         self.window = window
-        self.jump_every = jump_every
         self.horizon = horizon
         self.n_candidates = n_candidates
+        if spacing not in ("geometric", "even"):
+            raise ValueError(f"`spacing` must be 'geometric' or 'even', got {spacing!r}.")
+        self.spacing = spacing
         self.monitor = monitor
         self.mode = mode
         self.min_delta = float(min_delta)
@@ -207,9 +266,7 @@ class GFMCallback(pl.Callback):
         self.fit_batch = fit_batch
         self.fit_seconds = fit_seconds
         self.backtest = backtest
-        if anchor not in ("state", "velocity"):
-            raise ValueError(f"`anchor` must be 'state' or 'velocity', got {anchor!r}.")
-        self.field_config = FieldConfig(history=history, hidden=hidden, span=float(span), anchor=anchor)
+        self.field_config = FieldConfig(history=history, hidden=hidden, span=float(span), anchor=anchor, trend=trend)
         self.solver = solver
         self.buffer_device = torch.device(buffer_device)
         self.buffer_dtype = buffer_dtype
@@ -247,7 +304,7 @@ class GFMCallback(pl.Callback):
     @property
     def min_snapshots(self) -> int:
         """Snapshots needed before a jump can be attempted."""
-        return self.field_config.history + max(self.backtest, 1) + 2
+        return self.field_config.min_anchor + max(self.backtest, 1) + 2
 
     # ----------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -260,10 +317,12 @@ class GFMCallback(pl.Callback):
                 "Set `self.automatic_optimization = True` or remove the callback."
             )
         name = type(trainer.strategy).__name__
-        if any(s in name for s in _UNSUPPORTED_STRATEGIES):
+        why = next((why for s, why in _UNSUPPORTED_STRATEGIES.items() if s in name), None)
+        if why is not None:
             raise ValueError(
-                f"GFMCallback supports single-device and DDP strategies; got `{name}`. "
-                "Use strategy='ddp' (or 'ddp_spawn'), or remove the callback."
+                f"GFMCallback supports single-device and DDP strategies; got `{name}`: {why} "
+                "Use strategy='ddp' (or 'ddp_spawn'; GFM then shares its fitting and forecasting between the "
+                "ranks), or remove the callback. See docs/distributed.md."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -274,6 +333,7 @@ class GFMCallback(pl.Callback):
                 "Combine the parameters into one optimizer with several param groups."
             )
         opt = trainer.optimizers[0]
+        self.record_every, self.jump_every = auto_schedule(self._total_steps(trainer), *self._schedule_args)
         self._spec = ParamSpec.from_module(pl_module, opt)
         self._dyn = dynamics_for(opt, self._spec, generic=self.generic_dynamics)
         device = pl_module.device
@@ -351,11 +411,15 @@ class GFMCallback(pl.Callback):
             far = self.horizon
         else:
             # as far as the field was fitted: its span, and no farther than the window's longest anchor-to-end
-            fitted = min(self.field_config.span, win.K - 1 - self.field_config.history)
+            fitted = min(self.field_config.span, win.K - 1 - self.field_config.min_anchor)
             far = int(fitted * win.interval)
         if total is not None:
             far = min(far, total - step)
-        return sorted({round(far * (i + 1) / self.n_candidates) for i in range(self.n_candidates)} - {0})
+        if self.spacing == "geometric":  # far, far/2, far/4, ...: short hops are tried too
+            points = {round(far / 2**i) for i in range(self.n_candidates)}
+        else:
+            points = {round(far * (i + 1) / self.n_candidates) for i in range(self.n_candidates)}
+        return sorted(points - {0})
 
     def forecast_path(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, win: Window, horizons: list[int]
@@ -370,39 +434,50 @@ class GFMCallback(pl.Callback):
             The path and diagnostics to store in the :class:`~lightning_gfm.jump.JumpRecord`.
         """
         step, dyn, device = trainer.global_step, self._dyn, pl_module.device
+        # Under DDP each rank fits on, backtests and forecasts its own slice of the scalars (a no-op shard on
+        # one device); every collective also tells whether a rank failed, so no rank waits for a failed one.
+        shard = Shard.current(win.P, device) if trainer.world_size > 1 else Shard(win.P, device=device)
         info = {"fit_loss": float("nan"), "backtest_fitted": float("nan"), "backtest_prior": float("nan")}
         if self.fit_steps:
-            report = fit_field(
-                self.field,
-                self._field_opt,
-                win,
-                dyn,
-                steps=self.fit_steps,
-                batch=self.fit_batch,
-                seed=self.seed + step,
-                max_seconds=self.fit_seconds,
-                device=device,
-            )
-            info["fit_loss"] = report.loss_end
+            with shard.phase("fit", fit_message_size(self.field)):
+                report = fit_field(
+                    self.field,
+                    self._field_opt,
+                    win,
+                    dyn,
+                    steps=self.fit_steps,
+                    batch=shard.batch(self.fit_batch),
+                    seed=shard.seed(self.seed + step),
+                    max_seconds=self.fit_seconds,
+                    device=device,
+                    index_range=shard.index_range,
+                    grad_sync=shard.grad_sync,
+                )
+                info["fit_loss"] = shard.mean(self.field, report.loss_end)
         use = self.field
-        if self.backtest:
+        if self.backtest and (self.fit_steps or self.field_path):  # a field that may differ from the prior
             prior = self._prior(device)
-            info["backtest_fitted"] = backtest_error(self.field, win, dyn, self.backtest, self.solver, device)
-            info["backtest_prior"] = backtest_error(prior, win, dyn, self.backtest, self.solver, device)
+            for key, candidate in (("backtest_fitted", self.field), ("backtest_prior", prior)):
+                with shard.phase("backtest", 2):
+                    info[key] = backtest_error(
+                        candidate, win, dyn, self.backtest, self.solver, device, **shard.backtest_kwargs
+                    )
             if not info["backtest_fitted"] <= info["backtest_prior"]:
                 use = prior
-        path = forecast(
-            use,
-            win,
-            dyn,
-            self._lr_steps(trainer, step, horizons[-1]),
-            horizons,
-            solver=self.solver,
-            chunk_size=self.chunk_size,
-            device=device,
-            out_device=device,
-        )
-        return path, info
+        with shard.phase("forecast", 0):
+            path = forecast(
+                use,
+                win,
+                dyn,
+                self._lr_steps(trainer, step, horizons[-1]),
+                horizons,
+                solver=self.solver,
+                chunk_size=self.chunk_size,
+                device=device,
+                out_device=device,
+                index=shard.index,
+            )
+        return shard.gather(path), info
 
     def _jump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         start = time.perf_counter()
@@ -413,8 +488,15 @@ class GFMCallback(pl.Callback):
             return
         with _cpu_threads(self.num_threads, pl_module.device):
             path, info = self.forecast_path(trainer, pl_module, win, horizons)
+        moved_start = not torch.equal(path.weights[0], win.w[-1].to(path.weights))
         decision = choose_and_apply(
-            spec, path, lambda: self._evaluate(trainer, pl_module), mode=self.mode, min_delta=self.min_delta
+            spec,
+            path,
+            lambda: self._evaluate(trainer, pl_module),
+            mode=self.mode,
+            min_delta=self.min_delta,
+            evaluate_start=moved_start,
+            start_is_candidate=False,  # denoising alone is undone by training (docs/experiments.md, E7-E8)
         )
         self._sync_weights(trainer)
         accepted = decision.outcome is JumpOutcome.ACCEPTED
@@ -425,20 +507,23 @@ class GFMCallback(pl.Callback):
             dstate = None
             if self.optimizer_state is StatePolicy.FORECAST:
                 dstate = {n: v[k] - v[0] for n, v in path.state.items()}
-            self.buffer.translate_(path.weights[k] - path.weights[0], dstate)
+            # the path may start from a denoised point (anchor="trend"): translate from the weights we left
+            self.buffer.translate_(path.weights[k] - win.w[-1].to(path.weights), dstate)
             if self.optimizer_state is StatePolicy.RESET:
                 self.buffer.clear()
                 self._record(trainer, step)
-        after = decision.metrics[decision.index - 1] if accepted else decision.metric_before
+        evaluated = list(zip(path.horizons[1:], decision.metrics, strict=False))
+        if decision.metric_start is not None:
+            evaluated.insert(0, (0, decision.metric_start))
         record = JumpRecord(
             step=step,
             horizon=path.horizons[decision.index] if accepted else 0,
             accepted=accepted,
             metric_before=decision.metric_before,
-            metric_after=after,
+            metric_after=decision.metric_after,
             outcome=decision.outcome.value,
             seconds=time.perf_counter() - start,
-            candidates=[(h, m) for h, m in zip(path.horizons[1:], decision.metrics, strict=False)],
+            candidates=evaluated,
             **info,
         )
         self.jumps.append(record)
@@ -450,12 +535,13 @@ class GFMCallback(pl.Callback):
             return GradientField(self.field_config).to(device)
 
     def _sync_weights(self, trainer: pl.Trainer) -> None:
-        # Every rank computed the same forecast from the same snapshots; broadcasting rank 0's weights with a
-        # tensor collective makes "identical weights on every rank" hold even against float nondeterminism.
+        # The gathered path is bit-identical on every rank and the decision comes from reduced metrics, so the
+        # ranks already agree; one broadcast of rank 0's flat weights (a single tensor collective, written back
+        # in place) keeps "identical weights on every rank" true even against float nondeterminism.
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            with torch.no_grad():
-                for p in self._spec.params:
-                    torch.distributed.broadcast(p.data, src=0)
+            flat = self._spec.flatten()
+            torch.distributed.broadcast(flat, src=0)
+            self._spec.write_(flat)
 
     # ------------------------------------------------------------ evaluation
     def _eval_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list, str]:

@@ -35,6 +35,11 @@ SUPPORTED = ("SGD", "Adam", "AdamW", "RMSprop")
 _TINY = 1e-12
 
 
+def _is_zero(x: Tensor | float) -> bool:
+    """Whether a hyperparameter from :meth:`Dynamics._hs` is the float zero (a term that can be skipped)."""
+    return isinstance(x, float) and x == 0.0
+
+
 class Dynamics(ABC):
     """One optimizer family. Hyperparameters are per-scalar tensors of shape ``(P,)`` built from param groups.
 
@@ -58,6 +63,11 @@ class Dynamics(ABC):
             table = torch.tensor(self.hyper[name], dtype=like.dtype, device=like.device)
             self._expanded[key] = table[self.group_index.to(like.device)]
         return self._expanded[key]
+
+    def _hs(self, name: str, like: Tensor) -> Tensor | float:
+        """Like :meth:`h`, but a Python float when every group shares the value (a cheaper broadcast)."""
+        values = self.hyper[name]
+        return float(values[0]) if all(v == values[0] for v in values) else self.h(name, like)
 
     def restrict(self, index: Tensor) -> Dynamics:
         """The same dynamics for the subset ``index`` of scalars (used for chunked integration)."""
@@ -107,7 +117,8 @@ class Dynamics(ABC):
         return torch.zeros_like(g_scale)
 
     def _coupled(self, g: Tensor, w: Tensor) -> Tensor:
-        return g + self.h("weight_decay", w) * w
+        wd = self._hs("weight_decay", w)
+        return g if isinstance(wd, float) and wd == 0.0 else g + wd * w
 
     def _sign(self, g: Tensor) -> Tensor:
         return -g if self.hyper.get("maximize", [0.0])[0] else g
@@ -136,7 +147,7 @@ class MomentumDynamics(Dynamics):
         return 1.0 / (1.0 - max(self.hyper["momentum"]))
 
     def velocity(self, w, state, g, lr, k):
-        mu, damp = self.h("momentum", w), self.h("dampening", w)
+        mu, damp = self._hs("momentum", w), self._hs("dampening", w)
         gp = self._coupled(self._sign(g), w)
         b = state["momentum_buffer"]
         b_next = mu * b + (1 - damp) * gp
@@ -180,16 +191,32 @@ class AdamDynamics(Dynamics):
         return m / (1 - b1**k), v / (1 - b2**k)
 
     def velocity(self, w, state, g, lr, k):
-        b1, b2, eps = self.h("beta1", w), self.h("beta2", w), self.h("eps", w)
-        decoupled = self.h("decoupled", w)
-        wd = self.h("weight_decay", w)
-        gp = self._sign(g) + (1 - decoupled) * wd * w
+        b1, b2, eps = self._hs("beta1", w), self._hs("beta2", w), self._hs("eps", w)
+        decoupled, wd = self._hs("decoupled", w), self._hs("weight_decay", w)
+        coupled, decay = (1 - decoupled) * wd, decoupled * wd
+        gp = self._sign(g)
+        if not _is_zero(coupled):
+            gp = gp + coupled * w
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m_next = b1 * m + (1 - b1) * gp
-        v_next = b2 * v + (1 - b2) * gp * gp
-        m_hat, v_hat = self._hat(m_next, v_next, k + 1, w)
-        dw = -lr * (m_hat / ((v_hat.clamp_min(0) + 1e-30).sqrt() + eps) + decoupled * wd * w)
-        return dw, {"exp_avg": m_next - m, "exp_avg_sq": v_next - v}
+        k1 = torch.as_tensor(k + 1, dtype=w.dtype, device=w.device).clamp_min(1.0)
+        c1, c2 = 1 - b1**k1, 1 - b2**k1
+        # m_next - m = b1 m + (1 - b1) g - m, written as torch's Adam does (a lerp)
+        if torch.is_grad_enabled():  # fitting differentiates through here: no in-place ops
+            dm = (gp - m) * (1 - b1)
+            dv = (gp * gp - v) * (1 - b2)
+            dw = (m + dm) / c1 / (((v + dv).clamp_min(0) / c2 + 1e-30).sqrt() + eps)
+            dw = dw + decay * w if not _is_zero(decay) else dw
+            return -(dw * lr), {"exp_avg": dm, "exp_avg_sq": dv}
+        # in place, with the bias corrections folded in as torch's Adam does (sqrt(v / c2) = sqrt(v) / sqrt(c2)):
+        # a third of the passes over memory, and forecasts run under no_grad
+        dm = (gp - m).mul_(1 - b1)
+        dv = (gp * gp).sub_(v).mul_(1 - b2)
+        root_c2 = c2.sqrt()
+        dw = (m + dm).div_((v + dv).clamp_min_(0).add_(1e-30 * c2).sqrt_().add_(eps * root_c2))
+        if _is_zero(decay):
+            return dw.mul_(-lr * root_c2 / c1), {"exp_avg": dm, "exp_avg_sq": dv}
+        dw.mul_(root_c2 / c1).add_(decay * w)
+        return dw.mul_(-lr), {"exp_avg": dm, "exp_avg_sq": dv}
 
     def gradient_estimate(self, w, state, u, lr, k):
         m_hat, _ = self._hat(state["exp_avg"], state["exp_avg_sq"], k, w)
@@ -233,10 +260,10 @@ class RMSpropDynamics(Dynamics):
         return (var.clamp_min(0) + 1e-30).sqrt() + eps
 
     def velocity(self, w, state, g, lr, k):
-        alpha, eps = self.h("alpha", w), self.h("eps", w)
+        alpha, eps = self._hs("alpha", w), self._hs("eps", w)
         gp = self._coupled(self._sign(g), w)
         v = state["square_avg"]
-        d = {"square_avg": (1 - alpha) * (gp * gp - v)}
+        d = {"square_avg": (gp * gp).sub_(v).mul_(1 - alpha)}
         ga_next = None
         if "grad_avg" in state:
             ga_next = alpha * state["grad_avg"] + (1 - alpha) * gp
@@ -244,7 +271,7 @@ class RMSpropDynamics(Dynamics):
         avg = self._avg(v + d["square_avg"], ga_next, eps)
         if "momentum_buffer" in state:
             b = state["momentum_buffer"]
-            b_next = self.h("momentum", w) * b + gp / avg
+            b_next = self._hs("momentum", w) * b + gp / avg
             d["momentum_buffer"] = b_next - b
             return -lr * b_next, d
         return -lr * gp / avg, d

@@ -78,16 +78,26 @@ class Decision:
     """Result of :func:`choose_and_apply`.
 
     Attributes:
-        index: index of the applied point of the path, ``None`` when rolled back.
+        index: index of the applied point of the path, ``None`` when rolled back (``0``: the path's start,
+            when it is not the current weights, e.g. a denoised anchor).
         metric_before: metric at the current weights.
-        metrics: metric of each path point after the anchor (NaN for non-finite points).
+        metrics: metric of each path point after the start (NaN for non-finite points).
         outcome: the reason.
+        metric_start: metric of the path's start when it was evaluated, else ``None``.
     """
 
     index: int | None
     metric_before: float
     metrics: list[float]
     outcome: JumpOutcome
+    metric_start: float | None = None
+
+    @property
+    def metric_after(self) -> float:
+        """Metric of the weights left in place."""
+        if self.index is None:
+            return self.metric_before
+        return self.metric_start if self.index == 0 else self.metrics[self.index - 1]
 
 
 def better(a: float, b: float, mode: str, min_delta: float) -> bool:
@@ -106,6 +116,8 @@ def choose_and_apply(
     mode: str = "min",
     min_delta: float = 0.0,
     metric_before: float | None = None,
+    evaluate_start: bool = False,
+    start_is_candidate: bool = True,
 ) -> Decision:
     """Evaluate every point of ``path`` in place, then keep the best one or restore the weights bit-exactly.
 
@@ -117,6 +129,11 @@ def choose_and_apply(
         mode: ``"min"`` or ``"max"``.
         min_delta: relative improvement over staying put that a jump must show.
         metric_before: the metric at the current weights, when already known.
+        evaluate_start: also evaluate point 0, the path's start (for paths that start from a denoised point
+            rather than the current weights).
+        start_is_candidate: with ``evaluate_start``, whether the start may be chosen; if not, it is a second
+            reference that a jump must beat as well as the current weights (what denoising alone buys is
+            discounted, so that only progress along the path earns a jump).
 
     Returns:
         The :class:`Decision`.
@@ -125,7 +142,11 @@ def choose_and_apply(
     before = evaluate() if metric_before is None else metric_before
     finite = path.finite()
     metrics = []
+    start_metric = None
     try:
+        if evaluate_start and bool(finite[0]):
+            spec.write_(path.weights[0].to(spec.device))
+            start_metric = float(evaluate())
         for h in range(1, len(path.horizons)):
             if not bool(finite[h]):
                 metrics.append(float("nan"))
@@ -135,16 +156,21 @@ def choose_and_apply(
     except BaseException:
         _restore(spec, saved)
         raise
-    valid = [(m, k) for k, m in enumerate(metrics, start=1) if math.isfinite(m)]
+    first = None if start_metric is not None and not start_is_candidate else start_metric
+    valid = [(m, k) for k, m in enumerate([first, *metrics]) if m is not None and math.isfinite(m)]
     if not valid:
         _restore(spec, saved)
-        return Decision(None, before, metrics, JumpOutcome.NON_FINITE)
-    best_metric, best = min(valid) if mode == "min" else max(valid)
-    if better(best_metric, before, mode, min_delta):
+        return Decision(None, before, metrics, JumpOutcome.NON_FINITE, start_metric)
+    # ties go to the farther point: the same metric for more steps saved
+    best_metric, best = min(valid, key=lambda mk: (mk[0], -mk[1])) if mode == "min" else max(valid)
+    bar = before
+    if start_metric is not None and not start_is_candidate and math.isfinite(start_metric):
+        bar = min(before, start_metric) if mode == "min" else max(before, start_metric)
+    if better(best_metric, bar, mode, min_delta):
         spec.write_(path.weights[best].to(spec.device))
-        return Decision(best, before, metrics, JumpOutcome.ACCEPTED)
+        return Decision(best, before, metrics, JumpOutcome.ACCEPTED, start_metric)
     _restore(spec, saved)
-    return Decision(None, before, metrics, JumpOutcome.ROLLED_BACK)
+    return Decision(None, before, metrics, JumpOutcome.ROLLED_BACK, start_metric)
 
 
 @torch.no_grad()

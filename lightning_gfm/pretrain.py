@@ -135,7 +135,7 @@ def pretrain_field(
             n = rng.randint(min(config.min_window, k), min(config.window, k))
             hi = rng.randint(n, k)
             win = t.window(hi - n, hi)
-            pairs = anchors_and_segments(win, history, span)
+            pairs = anchors_and_segments(win, field.config.min_anchor, span)
             if len(pairs) == 0:
                 continue
             sample = sample_batch(win, pairs, config.batch, gen)

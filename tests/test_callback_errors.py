@@ -12,7 +12,7 @@ from models import DigitsModule, tiny_trainer
 
 from lightning_gfm import GFMCallback
 
-FAST = dict(record_every=2, jump_every=20, window=10, fit_steps=10, fit_batch=512, eval_batches=2)
+FAST = dict(record_every=2, jump_every=20, window=12, trend=4, fit_steps=10, fit_batch=512, eval_batches=2)
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -50,15 +50,44 @@ def test_integer_arguments_are_checked(name, value):
 @pytest.mark.parametrize(
     ("kwargs", "minimum"),
     [
-        (dict(window=7), 8),  # history 3 + backtest 3 + 2
-        (dict(window=9, history=5), 10),
-        (dict(window=5, backtest=0), 6),  # max(backtest, 1)
+        (dict(window=7, anchor="state"), 8),  # history 3 + backtest 3 + 2
+        (dict(window=9, history=5, anchor="velocity"), 10),
+        (dict(window=5, backtest=0, anchor="state"), 6),  # max(backtest, 1)
     ],
 )
 def test_window_too_short_for_history_and_backtest(kwargs, minimum):
     with pytest.raises(ValueError, match=rf"`window` must be >= history \+ max\(backtest, 1\) \+ 2 = {minimum}"):
         GFMCallback(**kwargs)
     GFMCallback(**{**kwargs, "window": minimum})  # the bound itself is accepted
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "minimum"),
+    [
+        (dict(window=11), 12),  # the default trend of 8 snapshots: anchor 7 + backtest 3 + 2
+        (dict(window=19, trend=16), 20),
+        (dict(window=7, trend=2, history=4), 9),
+    ],
+)
+def test_window_too_short_for_the_trend(kwargs, minimum):
+    with pytest.raises(
+        ValueError, match=rf"`window` must be >= max\(history, trend - 1\) \+ max\(backtest, 1\) \+ 2 = {minimum}"
+    ):
+        GFMCallback(**kwargs)
+    GFMCallback(**{**kwargs, "window": minimum})  # the bound itself is accepted
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(anchor="smooth"), "`anchor` must be 'state', 'velocity' or 'trend', got 'smooth'"),
+        (dict(trend=1), "`trend` must be an int >= 2, got 1"),
+        (dict(spacing="log"), "`spacing` must be 'geometric' or 'even', got 'log'"),
+    ],
+)
+def test_anchor_trend_and_spacing_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GFMCallback(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +129,7 @@ def test_valid_arguments_are_stored():
 
 
 # ---------------------------------------------------------------------------------------- fit set-ups
-def _fit(tmp_path, model, cb, max_steps=30, **kwargs):
+def _fit(tmp_path, model, cb, max_steps=50, **kwargs):
     trainer = tiny_trainer(tmp_path, [cb], max_steps=max_steps, **kwargs)
     trainer.fit(model)
     return trainer

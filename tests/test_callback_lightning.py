@@ -19,7 +19,7 @@ from lightning_gfm import GFMCallback, JumpOutcome
 from lightning_gfm.dynamics import future_learning_rates
 from lightning_gfm.fields import load_field
 
-FAST = dict(record_every=2, jump_every=20, window=10, fit_steps=10, fit_batch=512, eval_batches=2)
+FAST = dict(record_every=2, jump_every=20, window=12, trend=4, fit_steps=10, fit_batch=512, eval_batches=2)
 
 
 def _fit(tmp_path, callbacks, module=None, seed=0, **trainer_kwargs):
@@ -55,16 +55,16 @@ class _RecordSpy(GFMCallback):
 
 
 def test_recording_counts_optimizer_steps_not_batches(tmp_path):
-    cb = _RecordSpy(record_every=2, jump_every=10_000, window=10)
+    cb = _RecordSpy(record_every=2, jump_every=10_000, window=12)
     trainer, _ = _fit(tmp_path, [cb], max_steps=30, accumulate_grad_batches=2)
     assert trainer.global_step == 30
     # every optimizer step is seen exactly once, although each spans two batches
     assert set(cb.calls) - {0} == set(range(1, 31)), sorted(cb.calls)
     assert all(n == 1 for n in cb.calls.values()), cb.calls
     steps = cb.buffer.steps
-    assert len(steps) == len(set(steps)) == 10
+    assert len(steps) == len(set(steps)) == 12
     assert all(s % 2 == 0 for s in steps), steps
-    assert steps == list(range(12, 31, 2))
+    assert steps == list(range(8, 31, 2))
 
 
 # ---------------------------------------------------------------------------------------- param groups
@@ -213,7 +213,7 @@ def test_rollback_is_bit_exact_and_keeps_identity(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- resume
-RESUME = dict(record_every=2, jump_every=12, window=10, fit_steps=10, fit_batch=512, eval_batches=2)
+RESUME = dict(record_every=2, jump_every=12, window=12, trend=4, fit_steps=10, fit_batch=512, eval_batches=2)
 
 
 class _Crash(pl.Callback):
@@ -456,7 +456,7 @@ def test_saved_field_is_the_starting_field(fitted, tmp_path):
 )
 def test_precisions_and_bf16_snapshots(tmp_path, precision, buffer_dtype):
     pl.seed_everything(0, verbose=False)
-    cb = GFMCallback(record_every=5, jump_every=50, fit_steps=10, fit_batch=512, buffer_dtype=buffer_dtype)
+    cb = GFMCallback(record_every=5, jump_every=50, trend=4, fit_steps=10, fit_batch=512, buffer_dtype=buffer_dtype)
     trainer = tiny_trainer(tmp_path, [cb], max_steps=100, precision=precision)
     trainer.fit(DigitsModule())
     assert cb.jumps and all(math.isfinite(j.metric_before) for j in cb.jumps)

@@ -42,7 +42,7 @@ def test_gfm_is_off_by_default_and_on_with_one_flag(tmp_path):
     root = ["--trainer.default_root_dir", str(tmp_path)]
     assert _gfm(app.main([*root, *QUIET], run=False)) == []
     (cb,) = _gfm(app.main([*root, *QUIET, "--gfm", "true", "--gfm_callback.jump_every", "7"], run=False))
-    assert cb.jump_every == 7 and cb.record_every == 10  # the rest keeps GFMCallback's defaults
+    assert cb.jump_every == 7 and cb.record_every == 1  # the rest keeps GFMCallback's defaults (derived)
 
 
 def test_gfm_true_in_yaml_with_options(tmp_path):
@@ -94,7 +94,8 @@ def test_fit_with_gfm_flag_jumps(tmp_path):
             "fit",
             "--gfm",
             "true",
-            *("--gfm_callback.record_every", "2", "--gfm_callback.jump_every", "20", "--gfm_callback.window", "10"),
+            *("--gfm_callback.record_every", "2", "--gfm_callback.jump_every", "20", "--gfm_callback.window", "12"),
+            *("--gfm_callback.trend", "4"),
             *("--gfm_callback.fit_steps", "10", "--gfm_callback.eval_batches", "1"),
             *("--trainer.max_steps", "30", "--trainer.default_root_dir", str(tmp_path)),
             *QUIET,

@@ -25,18 +25,18 @@ def _quiet():
 
 def test_quickstart(tmp_path):
     summary = _load("quickstart").main(["--quick", "--out", str(tmp_path)])
-    assert summary["steps"] == 40 and summary["jumps"] == 1
+    assert summary["steps"] == 40 and summary["jumps"] >= 1
     assert list(tmp_path.rglob("metrics.csv"))
 
 
 def test_char_lm_adamw_cosine(tmp_path):
     summary = _load("char_lm").main(["--quick", "--out", str(tmp_path)])
-    assert summary["jumps"] == 1 and summary["val_loss"] < 4.0
+    assert summary["jumps"] >= 1 and summary["val_loss"] < 4.0
 
 
 def test_cnn_momentum(tmp_path):
     results = _load("cnn_momentum").main(["--quick", "--out", str(tmp_path)])
-    assert set(results) == {"baseline", "gfm"} and results["gfm"]["jumps"].endswith("/ 1 tried")
+    assert set(results) == {"baseline", "gfm"} and not results["gfm"]["jumps"].endswith("/ 0 tried")
 
 
 def test_quickstart_with_wandb_offline(tmp_path, monkeypatch):

@@ -85,9 +85,30 @@ def test_choose_accepts_the_best_candidate():
         return float((spec.flatten() - target).abs().mean())
 
     decision = choose_and_apply(spec, path, evaluate)
-    assert decision.outcome is JumpOutcome.ACCEPTED and decision.index == 2
-    torch.testing.assert_close(spec.flatten(), path.weights[2])
+    # points 2 and 3 tie at 1.0: the farther one wins (the same metric, more steps ahead)
+    assert decision.outcome is JumpOutcome.ACCEPTED and decision.index == 3
+    torch.testing.assert_close(spec.flatten(), path.weights[3])
     assert decision.metrics == pytest.approx([2.0, 1.0, 1.0])
+    assert decision.metric_after == pytest.approx(1.0) and decision.metric_start is None
+
+
+def test_choose_can_take_a_denoised_start():
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    target = spec.flatten() + 0.5
+    path = _path(spec, [0.5, 2.0, 4.0])  # the path starts off the current weights, right on the target
+    calls = []
+
+    def evaluate():
+        calls.append(1)
+        return float((spec.flatten() - target).abs().mean())
+
+    skipped = choose_and_apply(spec, path, evaluate)  # start not a candidate: staying (0.5) beats 1.5 and 3.5
+    assert skipped.outcome is JumpOutcome.ROLLED_BACK and skipped.metric_start is None and len(calls) == 3
+    decision = choose_and_apply(spec, path, evaluate, evaluate_start=True)
+    assert decision.outcome is JumpOutcome.ACCEPTED and decision.index == 0
+    assert decision.metric_start == pytest.approx(0.0) and decision.metric_after == pytest.approx(0.0)
+    torch.testing.assert_close(spec.flatten(), path.weights[0])
 
 
 def test_rollback_is_bit_exact_and_keeps_identity():

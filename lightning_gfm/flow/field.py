@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightning_gfm.params import ROLES
 
 N_DYNAMIC = 4
+ANCHORS = ("state", "velocity", "trend")
 CAP = 4.0  # bound of the normalised gradient surrogate: keeps long forecasts of the moments from blowing up
 
 
@@ -37,9 +38,12 @@ class FieldConfig:
         depth: number of hidden layers (at least 1).
         span: fitted time range, in record intervals, that ``tau = 1`` stands for.
         anchor: where the anchor's gradient estimate comes from: ``"state"`` (the optimizer's moments at the
-            anchor) or ``"velocity"`` (the mean of the last ``history`` velocities pushed back through the
+            anchor), ``"velocity"`` (the mean of the last ``history`` velocities pushed back through the
             optimizer's preconditioning: smoother, and the prior becomes linear extrapolation shaped by the
-            optimizer and its learning-rate schedule).
+            optimizer and its learning-rate schedule) or ``"trend"`` (denoised: the least-squares line through
+            the last ``trend`` snapshots gives both the starting weights, its value at the anchor, and the
+            velocity pushed back through the preconditioning, its slope).
+        trend: snapshots in the least-squares line of ``anchor="trend"`` (at least 2).
     """
 
     history: int = 3
@@ -47,6 +51,12 @@ class FieldConfig:
     depth: int = 2
     span: float = 8.0
     anchor: str = "state"
+    trend: int = 8
+
+    @property
+    def min_anchor(self) -> int:
+        """Earliest snapshot that can serve as an anchor (enough history, and a full trend line)."""
+        return max(self.history, self.trend - 1) if self.anchor == "trend" else self.history
 
     @property
     def n_static(self) -> int:
@@ -130,8 +140,10 @@ class GradientField(nn.Module):
         c = self.config
         if c.depth < 1 or c.hidden < 1 or c.history < 1:
             raise ValueError(f"`FieldConfig` needs depth, hidden and history >= 1, got {c}.")
-        if c.anchor not in ("state", "velocity"):
-            raise ValueError(f"`FieldConfig.anchor` must be 'state' or 'velocity', got {c.anchor!r}.")
+        if c.anchor not in ANCHORS:
+            raise ValueError(f"`FieldConfig.anchor` must be one of {ANCHORS}, got {c.anchor!r}.")
+        if c.trend < 2:
+            raise ValueError(f"`FieldConfig.trend` must be >= 2 snapshots, got {c.trend!r}.")
         self.static_in = nn.Linear(c.n_static, c.hidden)
         self.dynamic_in = nn.Linear(N_DYNAMIC, c.hidden, bias=False)
         self.body = nn.ModuleList(nn.Linear(c.hidden, c.hidden) for _ in range(c.depth - 1))
@@ -142,6 +154,21 @@ class GradientField(nn.Module):
     def embed(self, static: Tensor) -> Tensor:
         """Static part of the first layer, shape ``(B, hidden)`` from ``(B, n_static)``."""
         return self.static_in(static)
+
+    def constant_output(self, g0_norm: Tensor) -> Tensor | None:
+        """The output when it cannot depend on the path (last layer's weight zero, as in the untrained prior).
+
+        Equal to :meth:`forward` for any finite input, without evaluating the hidden layers.
+
+        Args:
+            g0_norm: the anchor's normalised gradient estimate, shape ``(B,)``.
+
+        Returns:
+            Shape ``(B,)``, or ``None`` when the output depends on the dynamic features.
+        """
+        if bool(self.out.weight.any()):
+            return None
+        return CAP * torch.tanh((_clip(g0_norm, CAP) + self.out.bias) / CAP)
 
     def forward(self, embedded: Tensor, dynamic: Tensor, g0_norm: Tensor) -> Tensor:
         """Normalised gradient surrogate, bounded in ``(-CAP, CAP)``.

@@ -11,10 +11,11 @@ velocity so that every parameter counts alike.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_gfm.dynamics import Dynamics
 from lightning_gfm.flow.field import GradientField
@@ -40,20 +41,28 @@ class FitReport:
     samples: int
 
 
-def anchors_and_segments(win: Window, history: int, span: float) -> Tensor:
-    """All valid ``(anchor, segment)`` pairs, shape ``(N, 2)`` (possibly ``N == 0``)."""
+def anchors_and_segments(win: Window, first: int, span: float) -> Tensor:
+    """All valid ``(anchor, segment)`` pairs with anchors from ``first`` on, shape ``(N, 2)`` (possibly ``N == 0``)."""
     pairs = [
         (a, j)
-        for a in range(history, win.K - 1)
+        for a in range(first, win.K - 1)
         for j in range(a, win.K - 1)
         if (win.steps[j] - win.steps[a]) / win.interval < span
     ]
     return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
 
 
-def sample_batch(win: Window, pairs: Tensor, batch: int, generator: torch.Generator) -> tuple[Tensor, ...]:
-    """Draw ``batch`` samples: scalar index, anchor, segment and position, each shape ``(batch,)``."""
-    i = torch.randint(win.P, (batch,), generator=generator)
+def sample_batch(
+    win: Window, pairs: Tensor, batch: int, generator: torch.Generator, index_range: tuple[int, int] | None = None
+) -> tuple[Tensor, ...]:
+    """Draw ``batch`` samples: scalar index, anchor, segment and position, each shape ``(batch,)``.
+
+    ``index_range = (lo, hi)`` draws the scalars from ``[lo, hi)`` only (a rank's share under DDP).
+    """
+    if index_range is None:
+        i = torch.randint(win.P, (batch,), generator=generator)
+    else:
+        i = torch.randint(index_range[0], index_range[1], (batch,), generator=generator)
     pick = pairs[torch.randint(len(pairs), (batch,), generator=generator)]
     theta = torch.rand(batch, generator=generator)
     return i, pick[:, 0], pick[:, 1], theta
@@ -76,7 +85,8 @@ def matching_loss(
         A scalar tensor.
     """
     i, a, j, theta = (t.to(win.w.device) for t in sample)
-    ctx = anchor_context(win, dyn, a, i, history, device=device, anchor_mode=field.config.anchor)
+    c = field.config
+    ctx = anchor_context(win, dyn, a, i, history, device=device, anchor_mode=c.anchor, trend=c.trend)
     th = theta.to(device)
 
     def lerp(v: Tensor) -> Tensor:
@@ -107,6 +117,8 @@ def fit_field(
     seed: int,
     max_seconds: float | None = None,
     device=None,
+    index_range: tuple[int, int] | None = None,
+    grad_sync: Callable[[nn.Module, bool], bool] | None = None,
 ) -> FitReport:
     """Fit ``field`` to the window by flow matching, warm-starting from its current weights.
 
@@ -120,28 +132,36 @@ def fit_field(
         seed: seeds the sampling, so a fit is a function of (window, field, seed).
         max_seconds: stop early when exceeded.
         device: where to compute (the model's device).
+        index_range: draw the scalars from ``[lo, hi)`` only (this rank's share when the fit is sharded).
+        grad_sync: called after each backward pass as ``grad_sync(field, stop)``, ``stop`` being this rank's wish
+            to stop (its ``max_seconds`` ran out); it must average the gradients over the ranks and return
+            whether any rank wants to stop, so that every rank takes the same steps and keeps the same field
+            (see :meth:`lightning_gfm.distributed.Shard.grad_sync`). ``None``: a single process.
 
     Returns:
         A :class:`FitReport`; ``steps == 0`` when the window is too short to offer a sample.
     """
     history, span = field.config.history, field.config.span
-    pairs = anchors_and_segments(win, history, span)
+    pairs = anchors_and_segments(win, field.config.min_anchor, span)
     if len(pairs) == 0:
         return FitReport(float("nan"), float("nan"), 0, 0.0, 0)
     gen = torch.Generator().manual_seed(seed)
-    probe = sample_batch(win, pairs, batch, gen)
+    probe = sample_batch(win, pairs, batch, gen, index_range)
     start = time.perf_counter()
     with torch.no_grad():
         loss_start = float(matching_loss(field, win, dyn, probe, history, device))
     done = 0
     field.train()
     for done in range(1, steps + 1):  # noqa: B007 - `done` is reported
-        loss = matching_loss(field, win, dyn, sample_batch(win, pairs, batch, gen), history, device)
+        loss = matching_loss(field, win, dyn, sample_batch(win, pairs, batch, gen, index_range), history, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        over = max_seconds is not None and time.perf_counter() - start > max_seconds
+        if grad_sync is not None:  # the ranks' time budgets run out at different steps: stop together
+            over = grad_sync(field, over)
         torch.nn.utils.clip_grad_norm_(field.parameters(), 1.0)
         optimizer.step()
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+        if over or (grad_sync is None and max_seconds is not None and time.perf_counter() - start > max_seconds):
             break
     field.eval()
     with torch.no_grad():

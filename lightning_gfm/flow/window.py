@@ -162,7 +162,14 @@ class Context:
 
 
 def anchor_context(
-    win: Window, dyn: Dynamics, anchor: Tensor | int, idx: Tensor, history: int, device=None, anchor_mode="state"
+    win: Window,
+    dyn: Dynamics,
+    anchor: Tensor | int,
+    idx: Tensor,
+    history: int,
+    device=None,
+    anchor_mode="state",
+    trend: int = 8,
 ) -> Context:
     """Gather the anchor's context for scalars ``idx``.
 
@@ -173,11 +180,13 @@ def anchor_context(
         idx: scalar indices, shape ``(B,)``.
         history: number of past velocities used.
         device: where the context lives (the model's device).
-        anchor_mode: ``"state"`` or ``"velocity"`` (see :class:`~lightning_gfm.flow.field.FieldConfig`).
+        anchor_mode: ``"state"``, ``"velocity"`` or ``"trend"`` (see :class:`~lightning_gfm.flow.field.FieldConfig`).
+        trend: snapshots in the least-squares line of ``anchor_mode="trend"``.
     """
     a = torch.as_tensor(anchor, device=win.w.device)
-    if int(a.min()) < history:
-        raise ValueError(f"An anchor needs {history} earlier velocities; got anchor {int(a.min())}.")
+    first = max(history, trend - 1) if anchor_mode == "trend" else history
+    if int(a.min()) < first:
+        raise ValueError(f"An anchor needs {first} earlier snapshots; got anchor {int(a.min())}.")
     i = idx.to(win.w.device)
     d = dyn.restrict(i)
 
@@ -191,7 +200,11 @@ def anchor_context(
     k0 = g(win.opt_steps.to(win.w.device)[a].float().expand_as(w0))
     u_rms = g(win.u_rms[i])
     hist = torch.stack([g(win.u[a - history + r, i]) for r in range(history)])
-    if anchor_mode == "velocity":
+    if anchor_mode == "trend":
+        w0, slope = _trend(win, a, i, trend)
+        w0, slope = g(w0), g(slope)
+        g0 = d.gradient_from_velocity(w0, state0, slope, lr0, k0)
+    elif anchor_mode == "velocity":
         g0 = d.gradient_from_velocity(w0, state0, hist.mean(0), lr0, k0)
     else:
         g0 = d.gradient_estimate(w0, state0, hist[-1], lr0, k0)
@@ -220,6 +233,37 @@ def anchor_context(
         dynamics=d,
         interval=win.interval,
     )
+
+
+def _trend(win: Window, a: Tensor, i: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Denoised position and velocity at snapshot ``a``: the least-squares line through ``a - n + 1 .. a``.
+
+    The value at ``a`` is the line's (the mean of the snapshots moved along the line to ``a``); the slope is
+    shrunk per scalar by its signal-to-noise ratio (for ``n > 2``).
+
+    Args:
+        win: the window.
+        a: anchor snapshot, 0-dim or shape ``(B,)``.
+        i: scalar indices, shape ``(B,)``.
+        n: points in the fit.
+
+    Returns:
+        ``(w, slope)``, each shape ``(B,)``; slope per optimizer step.
+    """
+    rows = [a - n + 1 + r for r in range(n)]
+    w = torch.stack([win.w[r, i] for r in rows])  # (n, B)
+    t = torch.stack([win.steps.to(win.w.device)[r] for r in rows]).to(torch.float64)  # (n,) or (n, B)
+    dt = t - t.mean(0)
+    dt = (dt if dt.dim() == 2 else dt.unsqueeze(1)).to(w.dtype)
+    slope = (dt * (w - w.mean(0))).sum(0) / dt.pow(2).sum(0).clamp_min(1e-30)
+    if n > 2:
+        # Shrink each slope towards 0 by how well its own noise supports it. Noise model: a random walk, the
+        # velocities between snapshots are drift + independent noise, so the slope's variance is about
+        # var(u) / (n - 1); keep slope^2 / (slope^2 + var). A scalar that only wanders is not extrapolated.
+        u = (w[1:] - w[:-1]) / (dt[1:] - dt[:-1])
+        var = u.var(0) / (n - 1)
+        slope = slope * slope.pow(2) / (slope.pow(2) + var).clamp_min(1e-30)
+    return w.mean(0) + slope * dt[-1], slope
 
 
 def field_velocity(
