@@ -5,7 +5,8 @@
   last 3), with GFM's schedule, candidates, acceptance and rollback (only ``forecast_path`` differs).
 * ``ema``: Lightning's :class:`~lightning.pytorch.callbacks.EMAWeightAveraging`; the measured model is the EMA
   model, as Lightning evaluates it during validation and hands it back at the end of training.
-* ``gfm``: :class:`~lightning_gfm.GFMCallback` with the task's :class:`~benchmarks.tasks.JumpSchedule`.
+* ``gfm``: :class:`~lightning_gfm.GFMCallback` at its defaults (the tasks' :class:`~benchmarks.tasks.JumpSchedule`
+  leaves the schedule to them too; only ``eval_batches`` and ``seed`` are passed).
 * ``gfm-pretrained``: the same callback starting from the field shipped with the package
   (``field="pretrained"``), frozen (``fit_steps=PRETRAINED_FIT_STEPS``); its backtest against the prior still
   decides, jump by jump, which of the two forecasts.
@@ -133,7 +134,7 @@ def make_callbacks(
     """The callbacks ``method`` adds (the baseline adds a :class:`WeightRecorder` for the oracle)."""
     shared = dict(schedule.callback_kwargs(), seed=seed)
     if method == "baseline":
-        return [WeightRecorder(schedule.record_every)]
+        return [WeightRecorder(schedule.resolved(max_steps)["record_every"])]
     if method == "linear":
         return [LinearJumps(**shared)]
     if method == "gfm":

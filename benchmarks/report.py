@@ -88,6 +88,41 @@ def _oracle_fraction(stats: dict) -> str:
     return f"{statistics.median(g) / statistics.median(o):.2f}"
 
 
+def headline(stats: dict) -> list[str]:
+    """Medians over every (task, seed) per method, and issue 7's checks for ``gfm``, as markdown lines."""
+    methods = [m for m in METHODS if m != "baseline" and any(m in by for by in stats.values())]
+    lines = [
+        "## Headline: all tasks and seeds together",
+        "",
+        "| method | median steps saved (min – max) | median wall-clock saved (min – max) | runs |",
+        "|---|---|---|---|",
+    ]
+    for m in methods:
+        steps = [v for by in stats.values() if m in by for v in by[m]["steps_saved"]]
+        wall = [v for by in stats.values() if m in by for v in by[m]["wall_saved"]]
+        lines.append(f"| {m} | {_med_range(steps)} | {_med_range(wall)} | {len(steps)} |")
+    if "gfm" in methods:
+        checks = []
+        for task, by in stats.items():
+            g, b = by["gfm"], by.get("baseline")
+            lin = by.get("linear")
+            med = statistics.median([v for v in g["steps_saved"] if v is not None] or [0.0])
+            if lin is not None:
+                lmed = statistics.median([v for v in lin["steps_saved"] if v is not None] or [0.0])
+                checks.append(f"{task}: gfm {med:.1%} vs linear {lmed:.1%} -> {'ok' if med >= lmed else 'BEHIND'}")
+            if b is not None:
+                worse_median = statistics.median(g["final"]) > statistics.median(b["final"])
+                worse_all = max(g["final"]) > max(b["final"])
+                checks.append(
+                    f"{task}: final test loss gfm median {statistics.median(g['final']):.4f} vs baseline "
+                    f"{statistics.median(b['final']):.4f} ({'worse' if worse_median else 'not worse'}); "
+                    f"worst seed {max(g['final']):.4f} vs {max(b['final']):.4f} "
+                    f"({'worse' if worse_all else 'not worse'})"
+                )
+        lines += ["", "Checks (issue 7):", ""] + [f"- {c}" for c in checks]
+    return lines + [""]
+
+
 def plot(result: dict, img_dir: Path) -> list[Path]:
     """One PNG per task: test loss vs step and vs seconds for the first seed, accepted jumps marked."""
     import matplotlib
@@ -153,6 +188,7 @@ def render(result: dict, images: list[Path], doc: Path, report_command: str) -> 
         f"({len(result['runs'])} runs, one after the other).",
         "",
     ]
+    lines += headline(stats)
     for task, by_method in stats.items():
         sched = result.get("schedules", {}).get(task, {})
         lines += [
@@ -160,7 +196,8 @@ def render(result: dict, images: list[Path], doc: Path, report_command: str) -> 
             "",
             f"Budget {sched.get('max_steps', '?')} steps; jump methods record every {sched.get('record_every', '?')}"
             f" steps, try a jump every {sched.get('jump_every', '?')} steps, up to {sched.get('horizon', '?')} "
-            f"steps ahead ({sched.get('n_candidates', '?')} candidates, accepted only if the validation loss falls).",
+            f"steps ahead ({sched.get('n_candidates', '?')} candidates, the horizon and its halves; accepted only if "
+            "the validation loss falls below the current weights' and, for `gfm`, the denoised start's).",
             "",
             "| method | reached target | steps saved | wall-clock saved | final test loss | final test acc "
             "| jumps accepted / tried |",

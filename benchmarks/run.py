@@ -197,7 +197,9 @@ def run_benchmark(
             "torch_threads": torch.get_num_threads(),
         },
         "schedules": {
-            t: TASKS[t].budget(quick).schedule.__dict__ | {"max_steps": TASKS[t].budget(quick).max_steps} for t in tasks
+            t: TASKS[t].budget(quick).schedule.resolved(TASKS[t].budget(quick).max_steps)
+            | {"max_steps": TASKS[t].budget(quick).max_steps}
+            for t in tasks
         },
         "runs": [],
     }

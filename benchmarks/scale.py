@@ -7,8 +7,8 @@ process (no download), recording a snapshot every ``--record-every`` real optimi
 path is replayed: ``Window.from_buffer`` -> ``fit_field`` (the callback's defaults: 100 steps of 4096 scalars, Adam
 3e-3) -> ``backtest_error`` -> ``forecast``. Measured:
 
-* snapshot overhead: ``take_snapshot`` into a :class:`~lightning_gfm.trajectory.TrajectoryBuffer` in float32 and
-  bfloat16, over the median optimizer step (per snapshot, and amortised over ``--record-every`` steps);
+* snapshot overhead: :meth:`~lightning_gfm.trajectory.TrajectoryBuffer.record` (the callback's path) in float32
+  and bfloat16, over the median optimizer step (per snapshot, and amortised over ``--record-every`` steps);
 * fitting seconds;
 * forecast throughput (tracked scalars per second) of the untrained prior over every scalar and of the fitted field
   over a fixed subset of ``--fitted-scalars`` (the system separates per scalar, so the rate carries over), and the
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_gfm.dynamics import dynamics_for, future_learning_rates, lr_by_step, take_snapshot
+from lightning_gfm.dynamics import dynamics_for, future_learning_rates, lr_by_step
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import fit_field
 from lightning_gfm.flow.window import Window
@@ -125,7 +125,7 @@ def record(args, size: str, window: int) -> dict:
         if step % args.record_every == 0 and step <= n_steps:
             for name, buf in buffers.items():
                 start = time.perf_counter()
-                buf.append(take_snapshot(opt, spec, dyn.state_names, step, buf.device, buf.dtype))
+                buf.record(opt, spec, dyn.state_names, step)
                 snap_times[name].append(time.perf_counter() - start)
         if step == n_steps + args.horizon:
             future = spec.flatten().clone()

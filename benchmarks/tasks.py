@@ -44,6 +44,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_gfm import GFMCallback, auto_schedule
+
 Split = tuple[Tensor, Tensor]
 
 
@@ -51,18 +53,21 @@ Split = tuple[Tensor, Tensor]
 class JumpSchedule:
     """When every jump method (linear, GFM, oracle) records and tries to jump, and how far it may look.
 
-    One place per task, shared by all jump methods so that only the forecaster differs between them.
+    One place per task, shared by all jump methods so that only the forecaster differs between them. ``None``
+    leaves a value to :class:`~lightning_gfm.GFMCallback`'s default: every task now runs the defaults (a jump
+    every sixth of the budget, ten snapshots per jump interval, up to the field's fitted span ahead).
     """
 
-    record_every: int
-    jump_every: int
-    horizon: int
+    record_every: int | None = None
+    jump_every: int | None = None
+    horizon: int | None = None
     n_candidates: int = 4
     window: int = 24
     eval_batches: int = 4
 
     def callback_kwargs(self) -> dict:
-        return dict(
+        """The keyword arguments a jump method passes on (those left to the callback's defaults omitted)."""
+        kwargs = dict(
             record_every=self.record_every,
             jump_every=self.jump_every,
             horizon=self.horizon,
@@ -70,6 +75,21 @@ class JumpSchedule:
             window=self.window,
             eval_batches=self.eval_batches,
         )
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    def resolved(self, max_steps: int) -> dict:
+        """The schedule a run of ``max_steps`` steps really gets (for the report)."""
+        record_every, jump_every = auto_schedule(max_steps, self.record_every, self.jump_every)
+        cfg = GFMCallback(**self.callback_kwargs()).field_config
+        fitted = min(cfg.span, self.window - 1 - cfg.min_anchor) * record_every
+        return {
+            "record_every": record_every,
+            "jump_every": jump_every,
+            "horizon": self.horizon if self.horizon is not None else int(fitted),
+            "n_candidates": self.n_candidates,
+            "window": self.window,
+            "eval_batches": self.eval_batches,
+        }
 
 
 @dataclass(frozen=True)
@@ -355,7 +375,7 @@ def _digits_rmsprop(seed: int, max_steps: int) -> BenchModule:
 
 
 def _quick(max_steps: int = 240) -> Budget:
-    return Budget(max_steps, 20, JumpSchedule(record_every=10, jump_every=100, horizon=40))
+    return Budget(max_steps, 20, JumpSchedule())
 
 
 TASKS: dict[str, Task] = {
@@ -364,7 +384,7 @@ TASKS: dict[str, Task] = {
         Task(
             "mnist1d-mlp",
             _mnist1d_mlp,
-            full=Budget(2000, 50, JumpSchedule(record_every=25, jump_every=250, horizon=200)),
+            full=Budget(2000, 50, JumpSchedule()),
             quick=_quick(),
             limit_val_batches=2,
             description="mnist1d, MLP 40-256-256-10, Adam 2e-4, batch 128",
@@ -372,7 +392,7 @@ TASKS: dict[str, Task] = {
         Task(
             "digits-cnn",
             _digits_cnn,
-            full=Budget(600, 20, JumpSchedule(record_every=10, jump_every=100, horizon=80)),
+            full=Budget(600, 20, JumpSchedule()),
             quick=_quick(),
             limit_val_batches=2,
             description="digits 8x8, CNN, SGD momentum 0.9 lr 0.005 + cosine (per step)",
@@ -380,7 +400,7 @@ TASKS: dict[str, Task] = {
         Task(
             "charlm",
             _charlm,
-            full=Budget(1000, 40, JumpSchedule(record_every=20, jump_every=200, horizon=160)),
+            full=Budget(1000, 40, JumpSchedule()),
             quick=_quick(),
             classification=False,
             limit_val_batches=2,
@@ -389,7 +409,7 @@ TASKS: dict[str, Task] = {
         Task(
             "digits-rmsprop",
             _digits_rmsprop,
-            full=Budget(1500, 50, JumpSchedule(record_every=25, jump_every=250, horizon=200)),
+            full=Budget(1500, 50, JumpSchedule()),
             quick=_quick(),
             limit_val_batches=2,
             description="digits 8x8, MLP 64-128-128-10 tanh, RMSprop 1e-4",

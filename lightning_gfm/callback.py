@@ -28,7 +28,6 @@ from lightning_gfm.dynamics import (
     dynamics_for,
     future_learning_rates,
     lr_by_step,
-    take_snapshot,
 )
 from lightning_gfm.fields import load_field, resolve_field, save_field
 from lightning_gfm.flow.field import FieldConfig, GradientField
@@ -38,6 +37,7 @@ from lightning_gfm.flow.window import Window
 from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
 from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
 from lightning_gfm.loggers import GFMReporter
+from lightning_gfm.memory import MemoryPlan, plan_memory
 from lightning_gfm.params import ParamSpec
 from lightning_gfm.trajectory import TrajectoryBuffer
 
@@ -80,6 +80,33 @@ def auto_schedule(
     if record_every is None:
         record_every = max(1, round(jump_every / 10))
     return record_every, jump_every
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(value: int | str, name: str = "memory_budget") -> int:
+    """Bytes from an int or a string with a unit (``"8GiB"``, ``"500 MB"``, ``"1e9"``).
+
+    Example:
+        >>> parse_bytes("8GiB"), parse_bytes("1.5 GB"), parse_bytes(4096)
+        (8589934592, 1500000000, 4096)
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("kmgib")
+        unit = text[len(number) :]
+        try:
+            count = float(number)
+        except ValueError:
+            count = float("nan")
+        if unit in _UNITS and math.isfinite(count) and count > 0:
+            return int(count * _UNITS[unit])
+    raise ValueError(
+        f"`{name}` must be a positive number of bytes, an int or a string such as '8GiB' or '500MB', got {value!r}."
+    )
 
 
 class GFMCallback(pl.Callback):
@@ -144,6 +171,11 @@ class GFMCallback(pl.Callback):
         buffer_device: where snapshots are stored.
         buffer_dtype: dtype of stored snapshots (a ``torch.dtype`` or its name; ``"bfloat16"`` halves memory).
         chunk_size: scalars integrated at once (bounds forecasting memory).
+        memory_budget: bytes GFM may use beyond the model and its optimizer (an int, or a string such as
+            ``"8GiB"`` or ``"500MB"``). When fit starts, :func:`~lightning_gfm.memory.plan_memory` picks the
+            largest plan within it: the full ``window`` in ``buffer_dtype``, else in bfloat16, else fewer
+            snapshots, and a ``chunk_size`` no larger than asked; the plan is kept in ``memory_plan``. ``None``
+            (default) uses the arguments as given.
         generic_dynamics: allow optimizers outside SGD, Adam, AdamW, RMSprop with an SGD-shaped fallback.
         num_threads: CPU threads for GFM's own fitting and integration (restored afterwards); ``None`` keeps
             torch's setting. GFM's work is many small tensor operations, where extra intra-op threads mostly add
@@ -185,6 +217,7 @@ class GFMCallback(pl.Callback):
         buffer_device: str | torch.device = "cpu",
         buffer_dtype: torch.dtype | Literal["float32", "bfloat16", "float16"] = "float32",
         chunk_size: int = 1 << 20,
+        memory_budget: int | str | None = None,
         generic_dynamics: bool = False,
         num_threads: int | None = 1,
         seed: int = 0,
@@ -193,6 +226,8 @@ class GFMCallback(pl.Callback):
         if record_every is not None:
             _check_int("record_every", record_every, 1)
         _check_int("window", window, 4)
+        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget, "memory_budget")
+        self.memory_plan: MemoryPlan | None = None
         if jump_every is not None:
             _check_int("jump_every", jump_every, 1)
         if horizon is not None and horizon != "end":
@@ -336,6 +371,8 @@ class GFMCallback(pl.Callback):
         self.record_every, self.jump_every = auto_schedule(self._total_steps(trainer), *self._schedule_args)
         self._spec = ParamSpec.from_module(pl_module, opt)
         self._dyn = dynamics_for(opt, self._spec, generic=self.generic_dynamics)
+        if self.memory_budget is not None:
+            self._plan_memory()
         device = pl_module.device
         with torch.random.fork_rng(devices=[]):  # never disturb the user's random stream
             torch.manual_seed(self.seed)
@@ -347,6 +384,28 @@ class GFMCallback(pl.Callback):
         self._eval_cache = None
         if self._pending is not None:
             self._apply_pending(device)
+
+    def _plan_memory(self) -> None:
+        """Fit the buffer and the forecast's chunks to ``memory_budget`` (before anything is recorded)."""
+        try:
+            plan = plan_memory(
+                self._spec.numel,
+                len(self._dyn.state_names),
+                self.window,
+                self.memory_budget,
+                chunk_size=self.chunk_size,
+                min_window=min(self.window, self.min_snapshots),
+                n_horizons=self.n_candidates,
+                hidden=self.field_config.hidden,
+            )
+        except ValueError as err:
+            raise ValueError(f"`memory_budget` too small for this model: {err}") from err
+        self.memory_plan, self.chunk_size = plan, plan.chunk_size
+        if plan.dtype == torch.float32 and self.buffer.dtype != torch.float32:
+            plan = MemoryPlan(self.buffer.dtype, plan.window, plan.chunk_size, plan.estimated_bytes)
+            self.memory_plan = plan  # a narrower dtype asked for by the user is kept
+        if len(self.buffer) == 0 and (plan.window, plan.dtype) != (self.buffer.capacity, self.buffer.dtype):
+            self.buffer = TrajectoryBuffer(plan.window, device=self.buffer.device, dtype=plan.dtype)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember where the epoch started (epoch-interval schedulers step at epoch ends)."""
@@ -371,10 +430,7 @@ class GFMCallback(pl.Callback):
     # ------------------------------------------------------------- recording
     def _record(self, trainer: pl.Trainer, step: int) -> None:
         start = time.perf_counter()
-        snap = take_snapshot(
-            trainer.optimizers[0], self._spec, self._dyn.state_names, step, self.buffer.device, self.buffer.dtype
-        )
-        self.buffer.append(snap)
+        self.buffer.record(trainer.optimizers[0], self._spec, self._dyn.state_names, step)  # one copy, into the ring
         self.record_seconds += time.perf_counter() - start
 
     # ----------------------------------------------------------------- jumps

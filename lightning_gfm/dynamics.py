@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_gfm.params import ParamSpec
-from lightning_gfm.trajectory import Snapshot
+from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
 
 SUPPORTED = ("SGD", "Adam", "AdamW", "RMSprop")
 _TINY = 1e-12
@@ -82,7 +82,9 @@ class Dynamics(ABC):
         return 8.0
 
     @abstractmethod
-    def velocity(self, w: Tensor, state: dict[str, Tensor], g: Tensor, lr: Tensor, k: Tensor | float) -> tuple:
+    def velocity(
+        self, w: Tensor, state: dict[str, Tensor], g: Tensor, lr: Tensor, k: Tensor | float, noise: Tensor | None = None
+    ) -> tuple:
         """Time derivative of the ODE state.
 
         Args:
@@ -91,6 +93,8 @@ class Dynamics(ABC):
             g: gradient surrogate of the loss (weight decay is added here), shape ``(P,)``.
             lr: learning rate of every scalar at this time, shape ``(P,)``.
             k: optimizer step count at this time (for bias correction).
+            noise: variance of the minibatch gradient around ``g``, shape ``(P,)``; second-moment states
+                average ``g^2 + noise`` (what a real run feeds them), not ``g^2``. ``None``: no noise.
 
         Returns:
             ``(dw, dstate)``: shape ``(P,)`` and a dict like ``state``.
@@ -99,6 +103,15 @@ class Dynamics(ABC):
     @abstractmethod
     def gradient_estimate(self, w: Tensor, state: dict[str, Tensor], u: Tensor, lr: Tensor, k: float) -> Tensor:
         """Loss gradient implied at the anchor by the optimizer state or the last velocity ``u``, shape ``(P,)``."""
+
+    def gradient_noise(self, w: Tensor, state: dict[str, Tensor], g: Tensor, k) -> Tensor | None:
+        """Variance of the minibatch gradient around ``g`` implied by a second-moment state, shape ``(P,)``.
+
+        ``None`` for families without one. Holding it along a forecast keeps the preconditioner where the
+        run keeps it: without it, a smooth surrogate gradient would drain Adam's ``exp_avg_sq`` towards ``g^2``
+        and inflate every later step.
+        """
+        return None
 
     def gradient_from_velocity(self, w: Tensor, state: dict[str, Tensor], u: Tensor, lr: Tensor, k) -> Tensor:
         """Loss gradient that, held constant, would produce the velocity ``u`` in steady state, shape ``(P,)``.
@@ -127,7 +140,7 @@ class Dynamics(ABC):
 class SGDDynamics(Dynamics):
     """Plain SGD: ``dw/ds = -lr (g + wd w)``."""
 
-    def velocity(self, w, state, g, lr, k):
+    def velocity(self, w, state, g, lr, k, noise=None):
         return -lr * self._coupled(self._sign(g), w), {}
 
     def gradient_estimate(self, w, state, u, lr, k):
@@ -146,7 +159,7 @@ class MomentumDynamics(Dynamics):
     def max_step(self) -> float:
         return 1.0 / (1.0 - max(self.hyper["momentum"]))
 
-    def velocity(self, w, state, g, lr, k):
+    def velocity(self, w, state, g, lr, k, noise=None):
         mu, damp = self._hs("momentum", w), self._hs("dampening", w)
         gp = self._coupled(self._sign(g), w)
         b = state["momentum_buffer"]
@@ -190,7 +203,7 @@ class AdamDynamics(Dynamics):
         k = torch.as_tensor(k, dtype=like.dtype, device=like.device).clamp_min(1.0)
         return m / (1 - b1**k), v / (1 - b2**k)
 
-    def velocity(self, w, state, g, lr, k):
+    def velocity(self, w, state, g, lr, k, noise=None):
         b1, b2, eps = self._hs("beta1", w), self._hs("beta2", w), self._hs("eps", w)
         decoupled, wd = self._hs("decoupled", w), self._hs("weight_decay", w)
         coupled, decay = (1 - decoupled) * wd, decoupled * wd
@@ -203,14 +216,15 @@ class AdamDynamics(Dynamics):
         # m_next - m = b1 m + (1 - b1) g - m, written as torch's Adam does (a lerp)
         if torch.is_grad_enabled():  # fitting differentiates through here: no in-place ops
             dm = (gp - m) * (1 - b1)
-            dv = (gp * gp - v) * (1 - b2)
+            dv = (gp * gp - v if noise is None else gp * gp + noise - v) * (1 - b2)
             dw = (m + dm) / c1 / (((v + dv).clamp_min(0) / c2 + 1e-30).sqrt() + eps)
             dw = dw + decay * w if not _is_zero(decay) else dw
             return -(dw * lr), {"exp_avg": dm, "exp_avg_sq": dv}
         # in place, with the bias corrections folded in as torch's Adam does (sqrt(v / c2) = sqrt(v) / sqrt(c2)):
         # a third of the passes over memory, and forecasts run under no_grad
         dm = (gp - m).mul_(1 - b1)
-        dv = (gp * gp).sub_(v).mul_(1 - b2)
+        dv = (gp * gp).sub_(v) if noise is None else (gp * gp).add_(noise).sub_(v)
+        dv.mul_(1 - b2)
         root_c2 = c2.sqrt()
         dw = (m + dm).div_((v + dv).clamp_min_(0).add_(1e-30 * c2).sqrt_().add_(eps * root_c2))
         if _is_zero(decay):
@@ -222,6 +236,11 @@ class AdamDynamics(Dynamics):
         m_hat, _ = self._hat(state["exp_avg"], state["exp_avg_sq"], k, w)
         coupled = (1 - self.h("decoupled", w)) * self.h("weight_decay", w)
         return self._sign(m_hat - coupled * w)
+
+    def gradient_noise(self, w, state, g, k):
+        _, v_hat = self._hat(state["exp_avg"], state["exp_avg_sq"], k, w)
+        gp = self._sign(g) + (1 - self.h("decoupled", w)) * self.h("weight_decay", w) * w
+        return (v_hat - gp * gp).clamp_min(0)
 
     def gradient_from_velocity(self, w, state, u, lr, k):
         decoupled, wd = self.h("decoupled", w), self.h("weight_decay", w)
@@ -259,11 +278,12 @@ class RMSpropDynamics(Dynamics):
         var = v - ga * ga if ga is not None else v
         return (var.clamp_min(0) + 1e-30).sqrt() + eps
 
-    def velocity(self, w, state, g, lr, k):
+    def velocity(self, w, state, g, lr, k, noise=None):
         alpha, eps = self._hs("alpha", w), self._hs("eps", w)
         gp = self._coupled(self._sign(g), w)
         v = state["square_avg"]
-        d = {"square_avg": (gp * gp).sub_(v).mul_(1 - alpha)}
+        sq = gp * gp if noise is None else gp * gp + noise
+        d = {"square_avg": sq.sub_(v).mul_(1 - alpha)}
         ga_next = None
         if "grad_avg" in state:
             ga_next = alpha * state["grad_avg"] + (1 - alpha) * gp
@@ -283,6 +303,10 @@ class RMSpropDynamics(Dynamics):
         else:
             gp = -u * avg / lr.clamp_min(_TINY)
         return self._sign(gp) - self.h("weight_decay", w) * w
+
+    def gradient_noise(self, w, state, g, k):
+        gp = self._coupled(self._sign(g), w)
+        return (state["square_avg"] - gp * gp).clamp_min(0)
 
     def gradient_from_velocity(self, w, state, u, lr, k):
         avg = self._avg(state["square_avg"], state.get("grad_avg"), self.h("eps", w))
@@ -405,7 +429,14 @@ def step_count(optimizer: torch.optim.Optimizer, spec: ParamSpec) -> int:
 
 
 def take_snapshot(
-    optimizer: torch.optim.Optimizer, spec: ParamSpec, state_names, step: int, device=None, dtype=None
+    optimizer: torch.optim.Optimizer,
+    spec: ParamSpec,
+    state_names,
+    step: int,
+    device=None,
+    dtype=None,
+    *,
+    into: TrajectoryBuffer | None = None,
 ) -> Snapshot:
     """The training state after optimizer step ``step``: flat weights, optimizer state, group lrs, step counter.
 
@@ -414,9 +445,16 @@ def take_snapshot(
         spec: the tracked parameters.
         state_names: optimizer state to keep (:attr:`Dynamics.state_names`).
         step: global optimizer step.
-        device: where the flat copies are made (e.g. the buffer's device).
-        dtype: dtype of the flat copies.
+        device: where the flat copies are made (e.g. the buffer's device); ignored with ``into``.
+        dtype: dtype of the flat copies; ignored with ``into``.
+        into: a buffer to record into directly (:meth:`TrajectoryBuffer.record`, one copy, no intermediate).
+
+    Returns:
+        The snapshot: new flat tensors of shape ``(P,)``, or with ``into`` the buffer's newest slot (views).
     """
+    if into is not None:
+        into.record(optimizer, spec, state_names, step)
+        return into[-1]
     return Snapshot(
         step=step,
         weights=spec.flatten(device=device, dtype=dtype),

@@ -91,7 +91,7 @@ class _ChunkSystem:
         w, state = self.split(x)
         lr, k = self.lr(t), self.k0 + t
         g = self.g if self.constant or self.held else self.surrogate(t, w, state, lr, k)
-        dw, dstate = self.ctx.dynamics.velocity(w, state, g, lr, k)
+        dw, dstate = self.ctx.dynamics.velocity(w, state, g, lr, k, noise=self.ctx.noise)
         return torch.cat([dw, *(dstate[n] for n in self.names)])
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from lightning_gfm.params import ParamSpec
 
 
 @dataclass
@@ -37,6 +38,12 @@ class Snapshot:
 class TrajectoryBuffer:
     """The most recent ``capacity`` snapshots, oldest first, stored on ``device`` in ``dtype``.
 
+    Storage is a ring of ``capacity`` slots allocated on the first snapshot: weights ``(capacity, P)`` and one
+    ``(capacity, P)`` tensor per optimizer state, in ``dtype`` on ``device``. A snapshot is written straight into
+    its slot (the dtype conversion happens in that one copy); when full, the oldest slot is overwritten.
+    ``buffer[i]`` is a :class:`Snapshot` whose tensors are views of the slot: clone them to keep them past the
+    next ``capacity`` records.
+
     Args:
         capacity: number of snapshots kept; older ones are dropped.
         device: where snapshots live (``"cpu"`` by default, keeping accelerator memory free).
@@ -50,6 +57,8 @@ class TrajectoryBuffer:
         [1, 2]
         >>> buf.weights().shape
         torch.Size([2, 4])
+        >>> buf[-1].weights.tolist()
+        [2.0, 2.0, 2.0, 2.0]
     """
 
     def __init__(self, capacity: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -58,42 +67,137 @@ class TrajectoryBuffer:
         self.capacity = capacity
         self.device = torch.device(device)
         self.dtype = dtype
-        self._snaps: deque[Snapshot] = deque(maxlen=capacity)
+        self._w: Tensor | None = None  # (capacity, P)
+        self._state: dict[str, Tensor] = {}  # name -> (capacity, P)
+        self._step = [0] * capacity
+        self._lrs: list[Tensor] = [torch.zeros(0, dtype=torch.float64)] * capacity
+        self._opt_step = [0] * capacity
+        self._start = 0  # slot of the oldest snapshot
+        self._len = 0
 
     def __len__(self) -> int:
-        return len(self._snaps)
+        return self._len
+
+    def _slot(self, i: int) -> int:
+        if not -self._len <= i < self._len:
+            raise IndexError(f"snapshot index {i} out of range for a buffer of {self._len}.")
+        return (self._start + i % self._len) % self.capacity
 
     def __getitem__(self, i: int) -> Snapshot:
-        return self._snaps[i]
+        k = self._slot(i)
+        return Snapshot(
+            step=self._step[k],
+            weights=self._w[k],
+            state={name: t[k] for name, t in self._state.items()},
+            lrs=self._lrs[k],
+            opt_step=self._opt_step[k],
+        )
 
     def clear(self) -> None:
-        """Forget every snapshot (after a jump, the old path no longer leads to the current weights)."""
-        self._snaps.clear()
+        """Forget every snapshot (after a jump, the old path no longer leads to the current weights).
 
+        The slots stay allocated for the snapshots to come.
+        """
+        self._start, self._len = 0, 0
+
+    def _next_slot(self, step: int, numel: int, state_names) -> int:
+        """Check a new snapshot against the stored ones, (re)allocate the ring if needed; the slot to write."""
+        if self._len and step <= self._step[self._slot(-1)]:
+            raise ValueError(
+                f"Snapshots must have increasing steps: got step {step} after {self._step[self._slot(-1)]}."
+            )
+        names = tuple(state_names)
+        if self._len and numel != self._w.shape[1]:
+            raise ValueError(
+                f"Snapshot weights changed shape from ({self._w.shape[1]},) to ({numel},); the tracked parameters "
+                "must stay fixed during fit."
+            )
+        if self._len and set(names) != set(self._state):
+            raise ValueError(f"Snapshot state changed from {tuple(self._state)} to {names}.")
+        if self._w is None or self._w.shape[1] != numel or set(names) != set(self._state):
+            self._w = None  # free before allocating the new ring
+            self._state = {}
+            kw = dict(device=self.device, dtype=self.dtype)
+            self._w = torch.empty(self.capacity, numel, **kw)
+            self._state = {name: torch.empty(self.capacity, numel, **kw) for name in names}
+        if self._len == self.capacity:
+            k = self._start
+            self._start = (self._start + 1) % self.capacity
+        else:
+            k = (self._start + self._len) % self.capacity
+            self._len += 1
+        return k
+
+    def _set_meta(self, k: int, step: int, lrs: Tensor, opt_step: int) -> None:
+        self._step[k] = int(step)
+        self._lrs[k] = lrs.detach().to(dtype=torch.float64, device="cpu", copy=True)
+        self._opt_step[k] = int(opt_step)
+
+    @torch.no_grad()
     def append(self, snap: Snapshot) -> None:
-        """Store ``snap`` (moved to the buffer's device and dtype); the oldest snapshot goes when full."""
-        if self._snaps and snap.step <= self._snaps[-1].step:
-            raise ValueError(
-                f"Snapshots must have increasing steps: got step {snap.step} after {self._snaps[-1].step}."
-            )
-        if self._snaps and snap.weights.shape != self._snaps[-1].weights.shape:
-            raise ValueError(
-                f"Snapshot weights changed shape from {tuple(self._snaps[-1].weights.shape)} to "
-                f"{tuple(snap.weights.shape)}; the tracked parameters must stay fixed during fit."
-            )
+        """Store ``snap`` (copied to the buffer's device and dtype); the oldest snapshot goes when full."""
+        if snap.weights.ndim != 1:
+            raise ValueError(f"Snapshot weights must be flat, shape (P,), got {tuple(snap.weights.shape)}.")
+        k = self._next_slot(snap.step, snap.weights.numel(), snap.state)
+        self._w[k].copy_(snap.weights.detach())
+        for name, t in snap.state.items():
+            self._state[name][k].copy_(t.detach())
+        self._set_meta(k, snap.step, snap.lrs, snap.opt_step)
 
-        def put(t: Tensor) -> Tensor:
-            return t.detach().to(device=self.device, dtype=self.dtype, copy=True)
+    @torch.no_grad()
+    def record(self, optimizer: torch.optim.Optimizer, spec: ParamSpec, state_names, step: int) -> None:
+        """Snapshot the live training state after optimizer step ``step`` straight into the next slot.
 
-        self._snaps.append(
-            Snapshot(
-                step=int(snap.step),
-                weights=put(snap.weights),
-                state={k: put(v) for k, v in snap.state.items()},
-                lrs=snap.lrs.detach().to(dtype=torch.float64, device="cpu", copy=True),
-                opt_step=int(snap.opt_step),
-            )
-        )
+        One pass over the weights and each optimizer state: every parameter (and its state) is copied, converted
+        to the buffer's dtype on the way, into its place in the flat slot. Absent state entries read as zeros.
+
+        Args:
+            optimizer: the live optimizer.
+            spec: the tracked parameters (their order and offsets define the flat layout, shape ``(P,)``).
+            state_names: optimizer state to keep (:attr:`~lightning_gfm.dynamics.Dynamics.state_names`).
+            step: global optimizer step.
+        """
+        k = self._next_slot(step, spec.numel, state_names)
+        bounds = list(zip(spec.params, spec.offsets[:-1], spec.offsets[1:], strict=True))
+        w = self._w[k]
+        for p, a, b in bounds:
+            w[a:b].copy_(p.detach().reshape(-1))
+        opt_step = 0
+        for p, _, _ in bounds:
+            s = optimizer.state.get(p, {}).get("step")
+            if s is not None:
+                opt_step = int(s.item() if isinstance(s, Tensor) else s)
+                break
+        for name, slots in self._state.items():
+            row = slots[k]
+            for p, a, b in bounds:
+                t = optimizer.state.get(p, {}).get(name)
+                if t is None:
+                    row[a:b].zero_()
+                else:
+                    row[a:b].copy_(t.detach().reshape(-1))
+        lrs = torch.tensor([float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float64)
+        self._set_meta(k, step, lrs, opt_step)
+
+    def _pieces(self, t: Tensor) -> list[Tensor]:
+        """The stored rows of ring tensor ``t``, oldest first, as one or two views (``(n, P)`` each)."""
+        end = self._start + self._len
+        if end <= self.capacity:
+            return [t[self._start : end]]
+        return [t[self._start :], t[: end - self.capacity]]
+
+    def _gather(self, t: Tensor | None, device, dtype) -> Tensor:
+        """A new ``(K, P)`` tensor of the stored rows of ``t``, oldest first (one copy, converting on the way)."""
+        if t is None or self._len == 0:
+            raise ValueError("The buffer holds no snapshot.")
+        pieces = self._pieces(t)
+        device = t.device if device is None else device
+        out = torch.empty(self._len, t.shape[1], device=device, dtype=dtype)
+        row = 0
+        for piece in pieces:
+            out[row : row + len(piece)].copy_(piece)
+            row += len(piece)
+        return out
 
     @torch.no_grad()
     def translate_(self, dw: Tensor, dstate: dict[str, Tensor] | None = None) -> None:
@@ -102,53 +206,65 @@ class TrajectoryBuffer:
         After a jump the run continues from displaced weights; shifting the window keeps its velocities (the
         information the field is fitted on) while making its last snapshot the weights the run now has.
         """
+        if self._len == 0:
+            return
         dw = dw.to(device=self.device, dtype=self.dtype)
-        for s in self._snaps:
-            s.weights.add_(dw)
-            for name, d in (dstate or {}).items():
-                s.state[name].add_(d.to(device=self.device, dtype=self.dtype))
+        for piece in self._pieces(self._w):
+            piece.add_(dw)
+        for name, d in (dstate or {}).items():
+            d = d.to(device=self.device, dtype=self.dtype)
+            for piece in self._pieces(self._state[name]):
+                piece.add_(d)
 
     @property
     def steps(self) -> list[int]:
         """Global steps of the stored snapshots, oldest first."""
-        return [s.step for s in self._snaps]
+        return [self._step[self._slot(i)] for i in range(self._len)]
+
+    @property
+    def opt_steps(self) -> list[int]:
+        """Optimizer step counters of the stored snapshots, oldest first."""
+        return [self._opt_step[self._slot(i)] for i in range(self._len)]
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Names of the stored optimizer states."""
+        return tuple(self._state)
 
     def weights(self, device=None, dtype=torch.float32) -> Tensor:
-        """All stored weights, shape ``(K, P)``."""
-        return torch.stack([s.weights.to(device=device, dtype=dtype) for s in self._snaps])
+        """All stored weights, a new tensor of shape ``(K, P)``."""
+        return self._gather(self._w, device, dtype)
 
     def state(self, name: str, device=None, dtype=torch.float32) -> Tensor:
-        """Optimizer state ``name`` of every snapshot, shape ``(K, P)``."""
-        return torch.stack([s.state[name].to(device=device, dtype=dtype) for s in self._snaps])
+        """Optimizer state ``name`` of every snapshot, a new tensor of shape ``(K, P)``."""
+        if name not in self._state:
+            raise KeyError(f"The buffer stores no optimizer state {name!r}; it stores {tuple(self._state)}.")
+        return self._gather(self._state[name], device, dtype)
 
     def lrs(self) -> Tensor:
         """Learning rates, shape ``(K, G)``, float64."""
-        return torch.stack([s.lrs for s in self._snaps])
+        return torch.stack([self._lrs[self._slot(i)] for i in range(self._len)])
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all stored snapshots."""
-        return sum(s.nbytes for s in self._snaps)
+        """Bytes held by the stored snapshots (the ring itself holds ``capacity`` slots)."""
+        return sum(self[i].nbytes for i in range(self._len))
 
     def state_dict(self) -> dict:
-        """Plain values and tensors only, so Lightning can reload it with ``weights_only=True``."""
-        return {
-            "capacity": self.capacity,
-            "snapshots": [
-                {
-                    "step": s.step,
-                    "weights": s.weights,
-                    "state": dict(s.state),
-                    "lrs": s.lrs,
-                    "opt_step": s.opt_step,
-                }
-                for s in self._snaps
-            ],
-        }
+        """Plain values and tensors only, so Lightning can reload it with ``weights_only=True``.
+
+        The tensors are views of the ring (no copy of a model-sized window at checkpoint time): save or clone
+        them before the buffer records again.
+        """
+        snaps = []
+        for i in range(self._len):
+            s = self[i]
+            snaps.append({"step": s.step, "weights": s.weights, "state": s.state, "lrs": s.lrs, "opt_step": s.opt_step})
+        return {"capacity": self.capacity, "snapshots": snaps}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict` (the capacity configured now wins)."""
-        self._snaps.clear()
+        self.clear()
         for s in state.get("snapshots", []):
             self.append(
                 Snapshot(

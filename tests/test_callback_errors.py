@@ -80,6 +80,8 @@ def test_window_too_short_for_the_trend(kwargs, minimum):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        (dict(memory_budget="lots"), "`memory_budget` must be a positive number of bytes, .* got 'lots'"),
+        (dict(memory_budget=0), "`memory_budget` must be a positive number of bytes, .* got 0"),
         (dict(anchor="smooth"), "`anchor` must be 'state', 'velocity' or 'trend', got 'smooth'"),
         (dict(trend=1), "`trend` must be an int >= 2, got 1"),
         (dict(spacing="log"), "`spacing` must be 'geometric' or 'even', got 'log'"),
@@ -243,3 +245,9 @@ def test_non_safetensors_field_is_refused_without_unpickling(tmp_path, kind):
         _fit(tmp_path, DigitsModule(), cb)
     assert not marker.exists()
     assert cb.field is None
+
+
+def test_memory_budget_below_the_smallest_plan(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    with pytest.raises(ValueError, match=r"`memory_budget` too small for this model: `budget_bytes` must be at least"):
+        _fit(tmp_path, DigitsModule(), GFMCallback(**FAST, memory_budget="1KB"))

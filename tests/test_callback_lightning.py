@@ -495,3 +495,18 @@ def test_epoch_interval_schedule_is_forecast_exactly(tmp_path):
     real = [cb.used[10 + s] for s in range(41)]
     assert cb.predicted == pytest.approx(real)
     assert len(set(real)) == 3  # 0.1, 0.05, 0.025: the test can see a wrong epoch boundary
+
+
+def test_memory_budget_shrinks_the_buffer_and_still_jumps(tmp_path):
+    from lightning_gfm.memory import estimate_bytes
+
+    model = DigitsModule()
+    n = sum(p.numel() for p in model.parameters())
+    # room for 14 bfloat16 snapshots of the Adam run, not for 24 in float32 nor in bfloat16
+    budget = estimate_bytes(n, 2, 14, torch.bfloat16, 1 << 20)
+    cb = GFMCallback(**{**FAST, "window": 24}, memory_budget=budget)
+    pl.seed_everything(0, verbose=False)
+    tiny_trainer(tmp_path, [cb], max_steps=60).fit(model)
+    assert cb.memory_plan is not None and cb.memory_plan.estimated_bytes <= budget
+    assert (cb.buffer.capacity, cb.buffer.dtype) == (cb.memory_plan.window, torch.bfloat16)
+    assert 8 <= cb.buffer.capacity < 24 and cb.jumps

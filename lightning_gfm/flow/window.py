@@ -24,6 +24,26 @@ def _velocity_scales(u: Tensor, tensor_index: Tensor, n_tensors: int) -> tuple[T
     return u_rms, per_tensor_rms(u_rms, tensor_index, n_tensors, 1e-30)
 
 
+def _tensor_rms(w: Tensor, tensor_index: Tensor, offsets: list[int], eps: float) -> Tensor:
+    """RMS of each row of ``w`` (shape ``(K, P)``) within each parameter tensor, shape ``(K, n_tensors)``.
+
+    One ``index_add_`` over all rows; the same sums, in the same order, as :func:`per_tensor_rms` row by row.
+    """
+    sizes = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)], dtype=w.dtype)
+    sq = torch.zeros(w.shape[0], len(sizes), dtype=w.dtype, device=w.device).index_add_(1, tensor_index, w * w)
+    return (sq / sizes.to(w.device).clamp_min(1) + eps).sqrt()
+
+
+def _as_slice(i: Tensor) -> slice | Tensor:
+    """``i`` (shape ``(B,)``) as a slice when it is a contiguous increasing range (indexing then makes views)."""
+    if i.numel() == 0:
+        return i
+    lo, hi = int(i[0]), int(i[-1]) + 1
+    if hi - lo != i.numel() or not torch.equal(i, torch.arange(lo, hi, device=i.device, dtype=i.dtype)):
+        return i
+    return slice(lo, hi)
+
+
 @dataclass
 class Window:
     """Tensors of a recorded window (on the buffer's device, float32).
@@ -67,26 +87,23 @@ class Window:
             raise ValueError(f"A window needs at least 2 snapshots, the buffer holds {len(buffer)}.")
         dev = buffer.device
         steps = torch.tensor(buffer.steps, dtype=torch.float64)
-        w = buffer.weights(device=dev)
+        w = buffer.weights(device=dev)  # the one float32 copy of the window's weights
         dt = (steps[1:] - steps[:-1]).to(torch.float32).to(dev).unsqueeze(1)
-        u = (w[1:] - w[:-1]) / dt
+        u = torch.sub(w[1:], w[:-1]).div_(dt)
         tindex = spec.tensor_index(dev)
         n = len(spec.params)
         u_rms, u_rms_tensor = _velocity_scales(u, tindex, n)
-        w_rms = torch.stack([per_tensor_rms(row, tindex, n, 1e-12) for row in w])
-        # per_tensor_rms broadcasts to scalars; keep one value per tensor
-        first = torch.tensor(spec.offsets[:-1], device=dev)
         progress = steps / total_steps if total_steps else torch.zeros_like(steps)
         return cls(
             steps=steps,
             w=w,
             state={name: buffer.state(name, device=dev) for name in state_names},
             lrs=buffer.lrs(),
-            opt_steps=torch.tensor([buffer[i].opt_step for i in range(len(buffer))], dtype=torch.float64),
+            opt_steps=torch.tensor(buffer.opt_steps, dtype=torch.float64),
             u=u,
             u_rms=u_rms,
             u_rms_tensor=u_rms_tensor,
-            w_rms_tensor=w_rms[:, first],
+            w_rms_tensor=_tensor_rms(w, tindex, spec.offsets, 1e-12),
             roles=spec.role_index(dev),
             tensor_index=tindex,
             group_index=spec.group_index(dev),
@@ -99,7 +116,7 @@ class Window:
         if not 2 <= n <= self.K:
             raise ValueError(f"`n` must be in [2, {self.K}], got {n}.")
         u = self.u[: n - 1]
-        u_rms, u_rms_tensor = _velocity_scales(u, self.tensor_index, int(self.tensor_index.max()) + 1)
+        u_rms, u_rms_tensor = _velocity_scales(u, self.tensor_index, self.w_rms_tensor.shape[1])
         return replace(
             self,
             steps=self.steps[:n],
@@ -147,6 +164,8 @@ class Context:
         static: static features, shape ``(B, n_static)``.
         dynamics: the dynamics restricted to these scalars.
         interval: steps between snapshots.
+        noise: minibatch-gradient variance around ``g0`` implied by the optimizer's second moment (``None`` for
+            families without one), held along the path.
     """
 
     w0: Tensor
@@ -159,6 +178,7 @@ class Context:
     static: Tensor
     dynamics: Dynamics
     interval: float
+    noise: Tensor | None = None
 
 
 def anchor_context(
@@ -189,17 +209,20 @@ def anchor_context(
         raise ValueError(f"An anchor needs {first} earlier snapshots; got anchor {int(a.min())}.")
     i = idx.to(win.w.device)
     d = dyn.restrict(i)
+    # a forecast's chunks are contiguous ranges with one anchor: read them as views, not gathers
+    cols = _as_slice(i) if a.ndim == 0 else i
+    row = int(a) if isinstance(cols, slice) else a
 
     def g(t: Tensor) -> Tensor:
         return t.to(device)
 
-    w0 = g(win.w[a, i])
-    state0 = {n: g(v[a, i]) for n, v in win.state.items()}
-    group = win.group_index[i]
+    w0 = g(win.w[row, cols])
+    state0 = {n: g(v[row, cols]) for n, v in win.state.items()}
+    group = win.group_index[cols]
     lr0 = g(win.lrs.to(win.w.device)[a, group].float())
     k0 = g(win.opt_steps.to(win.w.device)[a].float().expand_as(w0))
-    u_rms = g(win.u_rms[i])
-    hist = torch.stack([g(win.u[a - history + r, i]) for r in range(history)])
+    u_rms = g(win.u_rms[cols])
+    hist = torch.stack([g(win.u[row - history + r, cols]) for r in range(history)])
     if anchor_mode == "trend":
         w0, slope = _trend(win, a, i, trend)
         w0, slope = g(w0), g(slope)
@@ -213,14 +236,14 @@ def anchor_context(
     static = static_features(
         hist=hist,
         u_rms=u_rms,
-        u_rms_tensor=g(win.u_rms_tensor[i]),
+        u_rms_tensor=g(win.u_rms_tensor[cols]),
         w=w0,
-        w_rms_tensor=g(win.w_rms_tensor[a, win.tensor_index[i]]),
+        w_rms_tensor=g(win.w_rms_tensor[a, win.tensor_index[cols]]),
         g0_norm=g0_norm,
         progress=g(win.progress.to(win.w.device)[a].float()),
-        roles=g(win.roles[i]),
+        roles=g(win.roles[cols]),
     )
-    u_scale = u_rms + 0.1 * g(win.u_rms_tensor[i])
+    u_scale = u_rms + 0.1 * g(win.u_rms_tensor[cols])
     return Context(
         w0=w0,
         state0=state0,
@@ -232,6 +255,7 @@ def anchor_context(
         static=static,
         dynamics=d,
         interval=win.interval,
+        noise=d.gradient_noise(w0, state0, g0, k0),
     )
 
 
@@ -296,4 +320,4 @@ def field_velocity(
     reach = ctx.u_scale * (field.config.span * interval)
     dyn_feat = dynamic_features(tau / field.config.span, direction, lr / ctx.lr0.clamp_min(1e-30), (w - ctx.w0) / reach)
     g = field(embedded, dyn_feat, ctx.g0_norm) * ctx.g_scale
-    return dyn.velocity(w, state, g, lr, k)
+    return dyn.velocity(w, state, g, lr, k, noise=ctx.noise)
