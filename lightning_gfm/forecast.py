@@ -14,10 +14,6 @@ from lightning_gfm.flow.field import GradientField, dynamic_features
 from lightning_gfm.flow.ode import integrate
 from lightning_gfm.flow.window import Context, Window, anchor_context
 
-#: Solver steps over which :func:`forecast` holds the network's output fixed (evaluated at the first step's true
-#: state, reused by every stage); 0 re-evaluates it at every solver stage. See ``docs/scale.md`` for its cost.
-HOLD_STEPS = 0
-
 #: On a CPU, chunks are cut to at most this many scalars: the network's hidden activations (``hidden`` floats per
 #: scalar) then stay in the core's cache, which makes a fitted field's forecast about 1.7x faster than 1M-scalar chunks.
 CPU_CHUNK = 1 << 16
@@ -29,7 +25,7 @@ class _ChunkSystem:
     The same vector field as :func:`lightning_gfm.flow.window.field_velocity` (network -> gradient surrogate ->
     the optimizer's update rule), arranged for speed: the learning rate of each step is looked up once, one step
     counter serves every scalar, and the network is skipped when its output cannot depend on the path
-    (:meth:`GradientField.constant_output`) or held fixed between calls of :meth:`refresh`.
+    (:meth:`GradientField.constant_output`).
 
     Args:
         field: the network.
@@ -37,12 +33,9 @@ class _ChunkSystem:
         names: optimizer state names, in the order they sit in ``x``.
         lr_tab: learning rate of each group for the next steps, shape ``(n + 1, G)``, on the chunk's device.
         group: param group of every scalar, shape ``(c,)``.
-        hold: hold the network's output between calls of :meth:`refresh` instead of evaluating it per stage.
     """
 
-    def __init__(
-        self, field: GradientField, ctx: Context, names: list[str], lr_tab: Tensor, group: Tensor, hold: bool
-    ) -> None:
+    def __init__(self, field: GradientField, ctx: Context, names: list[str], lr_tab: Tensor, group: Tensor) -> None:
         self.field, self.ctx, self.names = field, ctx, names
         self.c = ctx.w0.numel()
         k0 = ctx.k0
@@ -53,7 +46,6 @@ class _ChunkSystem:
         constant = field.constant_output(ctx.g0_norm)
         self.constant = constant is not None
         self.g = constant * ctx.g_scale if self.constant else None
-        self.held = hold and not self.constant
         if not self.constant:
             cfg = field.config
             self.embedded = field.embed(ctx.static)
@@ -81,16 +73,11 @@ class _ChunkSystem:
         feat = dynamic_features(tau / cfg.span, direction, lr / self.lr0, (w - ctx.w0) / self.reach)
         return self.field(self.embedded, feat, ctx.g0_norm) * ctx.g_scale
 
-    def refresh(self, t: Tensor, x: Tensor) -> None:
-        """Evaluate the network at the solution ``x`` at time ``t`` and hold its output until the next call."""
-        w, state = self.split(x)
-        self.g = self.surrogate(t, w, state, self.lr(t), self.k0 + t)
-
     def __call__(self, t: Tensor, x: Tensor) -> Tensor:
         """``dx/dt`` per optimizer step, shape like ``x``."""
         w, state = self.split(x)
         lr, k = self.lr(t), self.k0 + t
-        g = self.g if self.constant or self.held else self.surrogate(t, w, state, lr, k)
+        g = self.g if self.constant else self.surrogate(t, w, state, lr, k)
         dw, dstate = self.ctx.dynamics.velocity(w, state, g, lr, k, noise=self.ctx.noise)
         return torch.cat([dw, *(dstate[n] for n in self.names)])
 
@@ -175,12 +162,9 @@ def forecast(
             win, dyn, anchor, idx, history, device=device, anchor_mode=field.config.anchor, trend=field.config.trend
         )
         group = win.group_index[idx.to(win.group_index.device)].to(device)
-        system = _ChunkSystem(field, ctx, names, lr_tab, group, hold=HOLD_STEPS > 0)
+        system = _ChunkSystem(field, ctx, names, lr_tab, group)
         x0 = torch.cat([ctx.w0, *(ctx.state0[n] for n in names)])
-        refresh = system.refresh if system.held else None
-        traj = integrate(
-            system, x0, times, ctx.dynamics.max_step, solver, refresh=refresh, refresh_every=max(HOLD_STEPS, 1)
-        )
+        traj = integrate(system, x0, times, ctx.dynamics.max_step, solver)
         c = idx.numel()
         traj = traj.view(n_h, 1 + len(names), c).to(out_device)
         weights[:, lo : lo + c] = traj[:, 0]

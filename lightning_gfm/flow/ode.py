@@ -82,18 +82,11 @@ def integrate(
     horizons: Tensor,
     max_step: float,
     solver: str,
-    *,
-    refresh: Callable[[Tensor, Tensor], None] | None = None,
-    refresh_every: int = 1,
 ) -> Tensor:
     """Integrate ``dx/dt = f(t, x)`` from ``t = 0`` and return the state at each horizon.
 
     The grid is refined so that no step is longer than ``max_step`` (the optimizer's fastest relaxation
     makes the system stiff for explicit solvers beyond that), and every horizon lies on it.
-
-    With ``refresh``, the integration pauses every ``refresh_every`` solver steps (and at every horizon) and calls
-    ``refresh(t, x)`` with the solution there, before the next step's stages: ``f`` may then hold a costly term
-    (the learned network's output) fixed over those steps instead of re-evaluating it at every stage.
 
     Args:
         f: vector field ``(t, x) -> dx/dt``, ``t`` a 0-dim tensor.
@@ -101,33 +94,17 @@ def integrate(
         horizons: increasing positive times, shape ``(H,)``.
         max_step: longest allowed solver step.
         solver: one of :data:`SOLVERS` (fixed-step).
-        refresh: ``(t, x) -> None``, called at ``t = 0`` and then every ``refresh_every`` steps; ``None`` never.
-        refresh_every: solver steps between two calls of ``refresh`` (at least 1).
 
     Returns:
         Shape ``(H + 1, D)``: the start followed by the state at each horizon.
     """
     if solver not in SOLVERS:
         raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
-    if refresh_every < 1:
-        raise ValueError(f"`refresh_every` must be >= 1 solver step, got {refresh_every}.")
     grid, knots = time_grid(horizons, max_step)
     odeint, rk4 = _torchdyn()
     if solver == "rk4":
         solver = rk4(x0.dtype)
-    if refresh is None:
-        return _solve(odeint, f, x0, grid, knots, solver)
-    # pause at every refresh point and every horizon; each piece is one torchdyn call on its part of the grid
-    at = grid.tolist()
-    save_idx = {at.index(k) for k in knots.tolist()[1:]}
-    stops = sorted({*range(0, len(at) - 1, refresh_every), *save_idx} - {len(at) - 1})
-    out, x = [x0], x0
-    for lo, hi in zip(stops, [*stops[1:], len(at) - 1], strict=False):
-        refresh(grid[lo].to(device=x0.device, dtype=x0.dtype), x)
-        x = _solve(odeint, f, x, grid[lo : hi + 1], grid[hi : hi + 1], solver)[-1]
-        if hi in save_idx:
-            out.append(x)
-    return torch.stack(out)
+    return _solve(odeint, f, x0, grid, knots, solver)
 
 
 def _solve(odeint, f, x0: Tensor, grid: Tensor, save: Tensor, solver) -> Tensor:
