@@ -95,3 +95,13 @@ def test_geometric_candidates(tmp_path):
     even = GFMCallback(record_every=2, jump_every=20, horizon=80, n_candidates=4, spacing="even")
     assert even._horizons(trainer, 100, win) == [20, 40, 60, 80]
     assert cb._horizons(trainer, 970, win) == [4, 8, 15, 30]  # never past the planned end
+
+
+def test_auto_schedule_from_max_epochs(tmp_path):
+    torch.manual_seed(0)
+    cb = GFMCallback(eval_batches=1)
+    trainer = tiny_trainer(tmp_path, [cb], max_epochs=2)  # no max_steps: the length comes from the epochs
+    trainer.fit(DigitsModule())
+    assert trainer.global_step == int(trainer.estimated_stepping_batches) == 36  # 18 batches an epoch
+    assert (cb.record_every, cb.jump_every) == auto_schedule(36) == (1, 6)
+    assert cb.jumps and all(j.step % 6 == 0 for j in cb.jumps)
