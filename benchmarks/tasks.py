@@ -80,12 +80,11 @@ class JumpSchedule:
     def resolved(self, max_steps: int) -> dict:
         """The schedule a run of ``max_steps`` steps really gets (for the report)."""
         record_every, jump_every = auto_schedule(max_steps, self.record_every, self.jump_every)
-        cfg = GFMCallback(**self.callback_kwargs()).field_config
-        fitted = min(cfg.span, self.window - 1 - cfg.min_anchor) * record_every
+        fitted = GFMCallback(**self.callback_kwargs()).field_config.fitted_steps(self.window, record_every)
         return {
             "record_every": record_every,
             "jump_every": jump_every,
-            "horizon": self.horizon if self.horizon is not None else int(fitted),
+            "horizon": self.horizon if self.horizon is not None else fitted,
             "n_candidates": self.n_candidates,
             "window": self.window,
             "eval_batches": self.eval_batches,

@@ -271,8 +271,8 @@ class GFMCallback(pl.Callback):
         if anchor not in ("state", "velocity", "trend"):
             raise ValueError(f"`anchor` must be 'state', 'velocity' or 'trend', got {anchor!r}.")
         _check_int("trend", trend, 2)
-        first = max(history, trend - 1) if anchor == "trend" else history
-        min_window = first + max(backtest, 1) + 2
+        config = FieldConfig(history=history, hidden=hidden, span=float(span), anchor=anchor, trend=trend)
+        min_window = config.min_anchor + max(backtest, 1) + 2
         if window < min_window:
             raise ValueError(
                 f"`window` must be >= {'max(history, trend - 1)' if anchor == 'trend' else 'history'} "
@@ -301,7 +301,7 @@ class GFMCallback(pl.Callback):
         self.fit_batch = fit_batch
         self.fit_seconds = fit_seconds
         self.backtest = backtest
-        self.field_config = FieldConfig(history=history, hidden=hidden, span=float(span), anchor=anchor, trend=trend)
+        self.field_config = config
         self.solver = solver
         self.buffer_device = torch.device(buffer_device)
         self.buffer_dtype = buffer_dtype
@@ -467,8 +467,7 @@ class GFMCallback(pl.Callback):
             far = self.horizon
         else:
             # as far as the field was fitted: its span, and no farther than the window's longest anchor-to-end
-            fitted = min(self.field_config.span, win.K - 1 - self.field_config.min_anchor)
-            far = int(fitted * win.interval)
+            far = self.field_config.fitted_steps(win.K, win.interval)
         if total is not None:
             far = min(far, total - step)
         if self.spacing == "geometric":  # far, far/2, far/4, ...: short hops are tried too

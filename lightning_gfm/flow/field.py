@@ -58,6 +58,10 @@ class FieldConfig:
         """Earliest snapshot that can serve as an anchor (enough history, and a full trend line)."""
         return max(self.history, self.trend - 1) if self.anchor == "trend" else self.history
 
+    def fitted_steps(self, snapshots: int, interval: float) -> int:
+        """How far ahead the field is fitted: ``span`` record intervals, fewer in a window of ``snapshots``."""
+        return int(min(self.span, snapshots - 1 - self.min_anchor) * interval)
+
     @property
     def n_static(self) -> int:
         """Number of static input features."""

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_gfm.dynamics import Dynamics
-from lightning_gfm.flow.field import GradientField, dynamic_features, static_features
+from lightning_gfm.flow.field import FieldConfig, GradientField, dynamic_features, static_features
 from lightning_gfm.params import ParamSpec, per_tensor_rms
 from lightning_gfm.trajectory import TrajectoryBuffer
 
@@ -204,7 +204,7 @@ def anchor_context(
         trend: snapshots in the least-squares line of ``anchor_mode="trend"``.
     """
     a = torch.as_tensor(anchor, device=win.w.device)
-    first = max(history, trend - 1) if anchor_mode == "trend" else history
+    first = FieldConfig(history=history, anchor=anchor_mode, trend=trend).min_anchor
     if int(a.min()) < first:
         raise ValueError(f"An anchor needs {first} earlier snapshots; got anchor {int(a.min())}.")
     i = idx.to(win.w.device)
