@@ -202,6 +202,45 @@ def fmt(row: dict, key: str, spec: str, scale: float = 1.0) -> str:
     return format(row[key] * scale, spec) if key in row else "n/a (fp32 does not fit the budget)"
 
 
+def steady(args, size: str) -> dict:
+    """Snapshot cost once the ring has wrapped: record ``window`` snapshots, then ``--steady`` more, timed."""
+    width, depth = SIZES[size]
+    model, opt = build(width, depth, args.seed)
+    spec = ParamSpec.from_module(model, opt)
+    dyn = dynamics_for(opt, spec)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, width, generator=gen)
+    y = torch.randn(args.batch, width, generator=gen) * 0.1
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    buffers = {name: TrajectoryBuffer(args.window, dtype=dtype) for name, dtype in dtypes.items()}
+    step_times, snap_times = [], {name: [] for name in buffers}
+    for step in range(1, args.window + args.steady + 1):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        step_times.append(time.perf_counter() - start)
+        for name, buf in buffers.items():
+            start = time.perf_counter()
+            buf.record(opt, spec, dyn.state_names, step)
+            if step > args.window:  # the ring has wrapped: this overwrites the oldest slot
+                snap_times[name].append(time.perf_counter() - start)
+    row = {"size": size, "threads": args.threads, "step_ms": 1e3 * statistics.median(step_times)}
+    for name, times in snap_times.items():
+        row[f"{name}_ms"] = 1e3 * statistics.median(times)
+    return row
+
+
+def steady_table(rows: list[dict]) -> str:
+    out = [
+        "| size | threads | step (ms) | snapshot fp32, ring wrapped (ms) | snapshot bf16, ring wrapped (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(f"| {r['size']} | {r['threads']} | {r['step_ms']:.1f} | {r['fp32_ms']:.1f} | {r['bf16_ms']:.1f} |")
+    return "\n".join(out)
+
+
 def tables(rows: list[dict], args) -> str:
     out = [
         "| size | tracked params | window | step (ms) | snapshot fp32 (ms) | share of a step | amortised "
@@ -258,13 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="markdown file to write (e.g. docs/scale.md)")
+    parser.add_argument(
+        "--steady", type=int, default=0, help="only time this many snapshots after the ring has wrapped (median)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes:
-        rows.append(measure(args, size))
-        print(tables(rows, args), file=sys.stderr, flush=True)
-    text = tables(rows, args)
+        rows.append(steady(args, size) if args.steady else measure(args, size))
+        print(steady_table(rows) if args.steady else tables(rows, args), file=sys.stderr, flush=True)
+    text = steady_table(rows) if args.steady else tables(rows, args)
     command = "python -m benchmarks.scale " + shlex.join(sys.argv[1:] if argv is None else argv)
     header = (
         f"Command: `{command}`  \nDate: {datetime.date.today().isoformat()}  \n"
