@@ -37,7 +37,7 @@ from lightning_gfm.flow.window import Window
 from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
 from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
 from lightning_gfm.loggers import GFMReporter
-from lightning_gfm.memory import MemoryPlan, plan_memory
+from lightning_gfm.memory import MemoryPlan, parse_bytes, plan_memory
 from lightning_gfm.params import ParamSpec
 from lightning_gfm.trajectory import TrajectoryBuffer
 
@@ -80,33 +80,6 @@ def auto_schedule(
     if record_every is None:
         record_every = max(1, round(jump_every / 10))
     return record_every, jump_every
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_bytes(value: int | str, name: str = "memory_budget") -> int:
-    """Bytes from an int or a string with a unit (``"8GiB"``, ``"500 MB"``, ``"1e9"``).
-
-    Example:
-        >>> parse_bytes("8GiB"), parse_bytes("1.5 GB"), parse_bytes(4096)
-        (8589934592, 1500000000, 4096)
-    """
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        number = text.rstrip("kmgib")
-        unit = text[len(number) :]
-        try:
-            count = float(number)
-        except ValueError:
-            count = float("nan")
-        if unit in _UNITS and math.isfinite(count) and count > 0:
-            return int(count * _UNITS[unit])
-    raise ValueError(
-        f"`{name}` must be a positive number of bytes, an int or a string such as '8GiB' or '500MB', got {value!r}."
-    )
 
 
 class GFMCallback(pl.Callback):

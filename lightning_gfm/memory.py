@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -145,3 +146,30 @@ def plan_memory(
     while chunk > min_chunk and cost(k, dtype, chunk) > budget_bytes:
         chunk = max(min_chunk, chunk // 2)
     return MemoryPlan(dtype=dtype, window=k, chunk_size=chunk, estimated_bytes=cost(k, dtype, chunk))
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(value: int | str, name: str = "memory_budget") -> int:
+    """Bytes from an int or a string with a unit (``"8GiB"``, ``"500 MB"``, ``"1e9"``).
+
+    Example:
+        >>> parse_bytes("8GiB"), parse_bytes("1.5 GB"), parse_bytes(4096)
+        (8589934592, 1500000000, 4096)
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("kmgib")
+        unit = text[len(number) :]
+        try:
+            count = float(number)
+        except ValueError:
+            count = float("nan")
+        if unit in _UNITS and math.isfinite(count) and count > 0:
+            return int(count * _UNITS[unit])
+    raise ValueError(
+        f"`{name}` must be a positive number of bytes, an int or a string such as '8GiB' or '500MB', got {value!r}."
+    )
