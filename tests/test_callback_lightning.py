@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
 from models import DigitsModule, tiny_trainer
 
 from lightning_gfm import GFMCallback, JumpOutcome
@@ -461,6 +462,21 @@ def test_precisions_and_bf16_snapshots(tmp_path, precision, buffer_dtype):
     trainer.fit(DigitsModule())
     assert cb.jumps and all(math.isfinite(j.metric_before) for j in cb.jumps)
     assert cb.buffer.weights().dtype == torch.float32 and cb.buffer[0].weights.dtype == getattr(torch, buffer_dtype)
+
+
+def test_16_mixed_with_a_real_grad_scaler_that_skips_steps(tmp_path):
+    # Lightning refuses precision="16-mixed" on a CPU, but its MixedPrecision plugin with torch's CPU GradScaler
+    # runs the same path as on a GPU: float16 autocast, loss scaling, optimizer steps skipped on overflow.
+    pl.seed_everything(0, verbose=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows at first: the scaler skips ~20 steps
+    cb = GFMCallback(record_every=2, jump_every=20, window=12, trend=4, eval_batches=2)
+    trainer = tiny_trainer(tmp_path, [cb], max_steps=60, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    module = DigitsModule()
+    trainer.fit(module)
+    adam_steps = int(trainer.optimizers[0].state[next(module.parameters())]["step"])
+    assert 0 < adam_steps < trainer.global_step  # steps were skipped, and training went on
+    assert any(j.accepted for j in cb.jumps) and all(math.isfinite(j.metric_before) for j in cb.jumps)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 class _EpochSchedule(DigitsModule):
