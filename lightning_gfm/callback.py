@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_gfm.distributed import Shard, fit_message_size
+from lightning_gfm.distributed import Shard, agree, exchange, fit_message_size
 from lightning_gfm.dynamics import (
     calls_needed,
     dynamics_for,
@@ -33,7 +34,7 @@ from lightning_gfm.fields import load_field, resolve_field, save_field
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import fit_field
 from lightning_gfm.flow.ode import SOLVERS
-from lightning_gfm.flow.window import Window
+from lightning_gfm.flow.window import Window, shard_sums_size
 from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
 from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
 from lightning_gfm.loggers import GFMReporter
@@ -44,7 +45,6 @@ from lightning_gfm.trajectory import TrajectoryBuffer
 #: strategies GFM refuses at setup, and why (docs/distributed.md has the support matrix and the per-shard design)
 _UNSUPPORTED_STRATEGIES = {
     "FSDP": "each rank holds a flat shard of every parameter, and per-shard snapshots are not implemented yet.",
-    "ModelParallel": "parameters are DTensor shards, and per-shard snapshots are not implemented yet.",
     "DeepSpeed": "DeepSpeed owns the optimizer step and (ZeRO) partitions the optimizer state GFM reads and writes.",
     "XLA": "GFM's many small, data-dependent tensor operations are not written for XLA's lazy tensors.",
 }
@@ -310,8 +310,17 @@ class GFMCallback(pl.Callback):
         return step > 0 and step % self.jump_every == 0
 
     @property
+    def learns(self) -> bool:
+        """Whether the field may differ from the prior: fitted online, or loaded (and then backtested)."""
+        return bool(self.fit_steps or self.field_path)
+
+    @property
     def min_snapshots(self) -> int:
-        """Snapshots needed before a jump can be attempted."""
+        """Snapshots needed before a jump can be attempted.
+
+        The same for every field, fitted or not: jumping from the prior's first possible anchor on hurt mnist1d
+        (docs/experiments.md, E19).
+        """
         return self.field_config.min_anchor + max(self.backtest, 1) + 2
 
     # ----------------------------------------------------------------- hooks
@@ -330,7 +339,8 @@ class GFMCallback(pl.Callback):
             raise ValueError(
                 f"GFMCallback supports single-device and DDP strategies; got `{name}`: {why} "
                 "Use strategy='ddp' (or 'ddp_spawn'; GFM then shares its fitting and forecasting between the "
-                "ranks), or remove the callback. See docs/distributed.md."
+                "ranks), ModelParallelStrategy with FSDP2's `fully_shard` (GFM then forecasts each rank's own "
+                "shard), or remove the callback. See docs/distributed.md."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -342,7 +352,10 @@ class GFMCallback(pl.Callback):
             )
         opt = trainer.optimizers[0]
         self.record_every, self.jump_every = auto_schedule(self._total_steps(trainer), *self._schedule_args)
+        _reshard(pl_module)  # FSDP2 registers gathered plain parameters while a root module stays unsharded
         self._spec = ParamSpec.from_module(pl_module, opt)
+        # each rank records its own shard: a checkpoint (rank 0's callback state only) cannot carry the window
+        self._window_per_rank = self._spec.sharded and trainer.world_size > 1
         self._dyn = dynamics_for(opt, self._spec, generic=self.generic_dynamics)
         if self.memory_budget is not None:
             self._plan_memory()
@@ -464,7 +477,9 @@ class GFMCallback(pl.Callback):
         step, dyn, device = trainer.global_step, self._dyn, pl_module.device
         # Under DDP each rank fits on, backtests and forecasts its own slice of the scalars (a no-op shard on
         # one device); every collective also tells whether a rank failed, so no rank waits for a failed one.
-        shard = Shard.current(win.P, device) if trainer.world_size > 1 else Shard(win.P, device=device)
+        # Under ModelParallel (sharded parameters) each rank already owns distinct scalars: no slicing, no gather.
+        sharded = self._spec is not None and self._spec.sharded
+        shard = Shard.current(win.P, device, owned=sharded) if trainer.world_size > 1 else Shard(win.P, device=device)
         info = {"fit_loss": float("nan"), "backtest_fitted": float("nan"), "backtest_prior": float("nan")}
         if self.fit_steps:
             with shard.phase("fit", fit_message_size(self.field)):
@@ -483,7 +498,7 @@ class GFMCallback(pl.Callback):
                 )
                 info["fit_loss"] = shard.mean(self.field, report.loss_end)
         use = self.field
-        if self.backtest and (self.fit_steps or self.field_path):  # a field that may differ from the prior
+        if self.backtest and self.learns:  # a field that may differ from the prior
             prior = self._prior(device)
             for key, candidate in (("backtest_fitted", self.field), ("backtest_prior", prior)):
                 with shard.phase("backtest", 2):
@@ -510,13 +525,21 @@ class GFMCallback(pl.Callback):
     def _jump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         start = time.perf_counter()
         spec, dyn = self._spec, self._dyn
-        win = Window.from_buffer(self.buffer, spec, dyn.state_names, self._total_steps(trainer))
+        shard = Shard.current(spec.numel, pl_module.device, owned=True) if spec.sharded else None
+        if shard is not None and shard.active:  # per-tensor scales over all ranks' shards, in one collective
+            with shard.phase("window", shard_sums_size(len(self.buffer), len(spec.params))):
+                total = self._total_steps(trainer)
+                win = Window.from_buffer(self.buffer, spec, dyn.state_names, total, lambda v: shard.sum(v, "window"))
+        else:
+            win = Window.from_buffer(self.buffer, spec, dyn.state_names, self._total_steps(trainer))
         horizons = self._horizons(trainer, step, win)
         if not horizons:
             return
         with _cpu_threads(self.num_threads, pl_module.device):
             path, info = self.forecast_path(trainer, pl_module, win, horizons)
         moved_start = not torch.equal(path.weights[0], win.w[-1].to(path.weights))
+        if shard is not None and shard.active:  # each rank sees its own shard: evaluate the start if any moved
+            moved_start = not agree(not moved_start, device=pl_module.device)
         decision = choose_and_apply(
             spec,
             path,
@@ -526,6 +549,9 @@ class GFMCallback(pl.Callback):
             evaluate_start=moved_start,
             start_is_candidate=False,  # denoising alone is undone by training (docs/experiments.md, E7-E8)
         )
+        if spec.sharded:
+            _reshard(pl_module)  # the next forward must gather the shards just written, not reuse stale ones
+            self._check_same_decision(trainer, decision.index)
         self._sync_weights(trainer)
         accepted = decision.outcome is JumpOutcome.ACCEPTED
         if accepted:
@@ -562,10 +588,26 @@ class GFMCallback(pl.Callback):
             torch.manual_seed(self.seed)
             return GradientField(self.field_config).to(device)
 
+    def _check_same_decision(self, trainer: pl.Trainer, index: int | None) -> None:
+        # Sharded: each rank moved its own scalars after the same reduced metrics, so the ranks must have taken
+        # the same decision; one small all-reduce proves it (sum and sum of squares of the chosen point + 2).
+        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        code = float(-1 if index is None else index) + 2
+        total, _ = exchange(torch.tensor([code, code * code], device=self._spec.device))
+        if float(total[0]) ** 2 != trainer.world_size * float(total[1]):
+            raise RuntimeError(
+                "GFMCallback: the ranks took different jump decisions under a sharded strategy, so the model's "
+                "shards no longer belong to one set of weights; this is a bug, please report it."
+            )
+
     def _sync_weights(self, trainer: pl.Trainer) -> None:
         # The gathered path is bit-identical on every rank and the decision comes from reduced metrics, so the
         # ranks already agree; one broadcast of rank 0's flat weights (a single tensor collective, written back
         # in place) keeps "identical weights on every rank" true even against float nondeterminism.
+        # Sharded parameters: every rank holds different scalars, there is nothing to broadcast.
+        if self._spec is not None and self._spec.sharded:
+            return
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             flat = self._spec.flatten()
             torch.distributed.broadcast(flat, src=0)
@@ -600,6 +642,8 @@ class GFMCallback(pl.Callback):
 
     @torch.no_grad()
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        if self._spec is not None and self._spec.sharded:
+            _reshard(pl_module)  # FSDP2 would reuse the parameters it gathered for the previous candidate
         batches, step_name = self._eval_data(trainer, pl_module)
         total = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
         plugin = trainer.precision_plugin
@@ -659,10 +703,16 @@ class GFMCallback(pl.Callback):
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Window, field, field optimizer, counters and jump records: tensors and plain values only."""
+        """Window, field, field optimizer, counters and jump records: tensors and plain values only.
+
+        Under a sharded strategy with several ranks the window is left out: each rank records its own shard,
+        and Lightning saves the callback state of rank 0 only (it is re-recorded after a resume).
+        """
+        per_rank = getattr(self, "_window_per_rank", False)
         return {
             "version": 1,
-            "buffer": self.buffer.state_dict(),
+            "buffer": {"capacity": self.buffer.capacity, "snapshots": []} if per_rank else self.buffer.state_dict(),
+            "window_per_rank": per_rank,
             "field": None if self.field is None else {k: v.cpu() for k, v in self.field.state_dict().items()},
             "field_config": self.field_config.to_dict(),
             "field_optimizer": None if self._field_opt is None else self._field_opt.state_dict(),
@@ -674,6 +724,11 @@ class GFMCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; the field is rebuilt when fit starts."""
+        if state_dict.get("window_per_rank", False):
+            rank_zero_warn(
+                "GFMCallback: this checkpoint comes from a sharded run, whose window (each rank's own shard) is not "
+                "saved; the window is re-recorded from the resumed step, so jumps resume once it is long enough."
+            )
         self.buffer.load_state_dict(state_dict.get("buffer", {}))
         self.jumps = [JumpRecord(**j) for j in state_dict.get("jumps", [])]
         self._last_step = state_dict.get("last_step", -1)
@@ -737,6 +792,21 @@ def _batch_size(batch: Any) -> float:
             return float(extract_batch_size(batch))
         except Exception:
             return 1.0
+
+
+def _reshard(module: torch.nn.Module) -> None:
+    """Free FSDP2's gathered parameters (``FSDPModule.reshard``, no collective).
+
+    A root module keeps its gathered parameters after a forward that no backward follows (GFM's evaluations), and
+    its next forward reuses them: after writing the local shards, the next forward must gather them afresh.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # a model sharded by FSDP2 has imported it (importing costs)
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is None:
+        return
+    for m in module.modules():
+        if isinstance(m, fsdp_module):
+            m.reshard()
 
 
 @contextlib.contextmanager

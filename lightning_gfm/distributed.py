@@ -8,6 +8,10 @@ each rank fits and integrates only a contiguous slice of the flat scalar index:
 * a backtest sums its squared error and squared move over the ranks' slices (:meth:`Shard.reduce`);
 * the forecast integrates the rank's slice and :func:`gather_path` assembles the full path with ``all_gather``.
 
+Under a sharded strategy (FSDP2 ``fully_shard``, ``ModelParallelStrategy``) each rank already owns distinct
+scalars, its local shards: a :class:`Shard` with ``owned=True`` fits and backtests on all of them (gradients
+averaged and errors summed as above) and forecasts them with no gather at all.
+
 Every collective of an attempt carries a failure count, and a rank whose own work raises takes part, once, in
 the collective its peers are waiting in (:meth:`Shard.phase`): every rank then raises the same
 :class:`ShardFailure` at the same point instead of waiting forever for a rank that will never come.
@@ -152,11 +156,13 @@ class Shard:
     """This rank's share of a jump attempt; on a single process every hook is a no-op.
 
     Attributes:
-        n: total number of scalars ``P``.
+        n: total number of scalars ``P`` (with ``owned``: this rank's local scalars).
         rank: this rank.
         world_size: number of ranks sharing the work.
         device: where messages are built (the model's device: CPU for gloo, CUDA for NCCL).
         group: process group (``None``: the world).
+        owned: each rank already holds distinct scalars (its local shards of sharded parameters): no slicing
+            (:attr:`index_range` and :attr:`index` are ``None``) and no gather (:meth:`gather` only agrees).
     """
 
     n: int
@@ -164,12 +170,13 @@ class Shard:
     world_size: int = 1
     device: torch.device | str = "cpu"
     group: Any = None
+    owned: bool = False
 
     @classmethod
-    def current(cls, n: int, device: torch.device | str = "cpu", group: Any = None) -> Shard:
+    def current(cls, n: int, device: torch.device | str = "cpu", group: Any = None, owned: bool = False) -> Shard:
         """The shard of this process in ``group`` (a single-process shard without an initialised group)."""
         rank, world = _world(group)
-        return cls(n, rank, world, device, group)
+        return cls(n, rank, world, device, group, owned)
 
     @property
     def active(self) -> bool:
@@ -178,8 +185,8 @@ class Shard:
 
     @property
     def index_range(self) -> tuple[int, int] | None:
-        """This rank's scalars ``[lo, hi)``, ``None`` on a single process (all of them)."""
-        return rank_slice(self.n, self.rank, self.world_size) if self.active else None
+        """This rank's scalars ``[lo, hi)``, ``None`` on a single process or with ``owned`` (all of them)."""
+        return rank_slice(self.n, self.rank, self.world_size) if self.active and not self.owned else None
 
     @property
     def index(self) -> Tensor | None:
@@ -229,13 +236,35 @@ class Shard:
         self._check(n_failed, "backtest")
         return total
 
+    def sum(self, values: Tensor, name: str) -> Tensor:
+        """Sum ``values`` (shape ``(n,)``) over the ranks as float64; raise :class:`ShardFailure` if a rank failed.
+
+        Run it inside :meth:`phase` ``(name, values.numel())`` so that a rank failing before it does not hang.
+        """
+        if not self.active:
+            return values.double()
+        total, n_failed = exchange(values.to(self.device), group=self.group)
+        self._check(n_failed, name)
+        return total
+
     def gather(self, path: ForecastPath) -> ForecastPath:
-        """Agree that every rank forecast its slice, then assemble the full path (see :func:`gather_path`)."""
+        """Agree that every rank forecast its slice, then assemble the full path (see :func:`gather_path`).
+
+        With ``owned`` nothing is gathered: the ranks agree on which points are finite (a point non-finite on
+        any rank becomes non-finite on every rank, its weights set to NaN), so that every rank evaluates the
+        same candidates.
+        """
         if not self.active:
             return path
         _, n_failed = exchange(torch.zeros(0, device=self.device), group=self.group)
         self._check(n_failed, "forecast")
-        return gather_path(path, self.n, self.group)
+        if not self.owned:
+            return gather_path(path, self.n, self.group)
+        bad, _ = exchange((~path.finite()).to(self.device, torch.float64), group=self.group)
+        bad = bad > 0
+        if bool(bad.any()):
+            path.weights[bad.to(path.weights.device)] = float("nan")
+        return path
 
     @contextlib.contextmanager
     def phase(self, name: str, numel: int) -> Iterator[None]:

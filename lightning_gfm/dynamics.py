@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from lightning_gfm.params import ParamSpec
+from lightning_gfm.params import ParamSpec, local
 from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
 
 SUPPORTED = ("SGD", "Adam", "AdamW", "RMSprop")
@@ -402,21 +402,24 @@ def read_state(optimizer: torch.optim.Optimizer, spec: ParamSpec, names, device=
     out = {}
     for name in names:
         parts = []
-        for p in spec.params:
+        for p, x in zip(spec.params, spec.tensors, strict=True):
             t = optimizer.state.get(p, {}).get(name)
-            parts.append(torch.zeros_like(p) if t is None else t)
+            parts.append(torch.zeros_like(x) if t is None else t)
         out[name] = spec.flatten(parts, device=device, dtype=dtype)
     return out
 
 
 @torch.no_grad()
 def write_state(optimizer: torch.optim.Optimizer, spec: ParamSpec, state: dict[str, Tensor]) -> None:
-    """Copy flat state tensors (shape ``(P,)``) into ``optimizer.state`` in place where the entry exists."""
+    """Copy flat state tensors (shape ``(P,)``) into ``optimizer.state`` in place where the entry exists.
+
+    A sharded parameter's state (``DTensor``) is written through its local tensor.
+    """
     for name, flat in state.items():
         for p, view in zip(spec.params, spec.unflatten(flat), strict=False):
             t = optimizer.state.get(p, {}).get(name)
             if t is not None:
-                t.copy_(view)
+                local(t).copy_(view)
 
 
 def step_count(optimizer: torch.optim.Optimizer, spec: ParamSpec) -> int:
@@ -424,7 +427,7 @@ def step_count(optimizer: torch.optim.Optimizer, spec: ParamSpec) -> int:
     for p in spec.params:
         step = optimizer.state.get(p, {}).get("step")
         if step is not None:
-            return int(step.item() if isinstance(step, Tensor) else step)
+            return int(local(step).item() if isinstance(step, Tensor) else step)
     return 0
 
 
@@ -504,6 +507,8 @@ def lr_by_step(lr_calls: Tensor, horizon: int, every: int, offset: int = 0) -> T
         horizon: number of future optimizer steps wanted.
         every: optimizer steps between two scheduler calls (``1`` for ``interval="step"``).
         offset: optimizer steps already done since the last scheduler call.
+
+    A sharded parameter's state (a ``DTensor`` sharded like it) is read through its local tensor.
 
     Returns:
         Shape ``(horizon + 1, G)``; row ``s`` is the learning rate used by the ``s``-th next step.

@@ -138,7 +138,7 @@ def choose_and_apply(
     Returns:
         The :class:`Decision`.
     """
-    saved = [p.detach().clone() for p in spec.params]
+    saved = [p.detach().clone() for p in spec.tensors]  # local shards when sharded
     before = evaluate() if metric_before is None else metric_before
     finite = path.finite()
     metrics = []
@@ -175,7 +175,7 @@ def choose_and_apply(
 
 @torch.no_grad()
 def _restore(spec: ParamSpec, saved: list[Tensor]) -> None:
-    for p, t in zip(spec.params, saved, strict=False):
+    for p, t in zip(spec.tensors, saved, strict=False):
         p.detach().copy_(t)
 
 

@@ -318,7 +318,7 @@ def _gather(spec: ParamSpec, index: Tensor) -> Tensor:
     parts = []
     for t in owner.unique().tolist():
         local = index[owner == t] - spec.offsets[t]
-        p = spec.params[t].detach().reshape(-1)
+        p = spec.tensors[t].detach().reshape(-1)  # the local shard when sharded
         parts.append(p[local.to(p.device)].float().cpu())
     return torch.cat(parts)
 

@@ -4,10 +4,15 @@ Everything the forecaster works on is a flat vector of shape ``(P,)`` where ``P`
 scalars. :class:`ParamSpec` is the map between that vector and the live ``torch.nn.Parameter`` objects.
 Weights are always written back in place (``p.detach().copy_``), so the optimizer, DDP buckets and anybody
 else holding a reference to a parameter keep seeing the same tensor.
+
+Sharded parameters (``DTensor``, e.g. FSDP2's ``fully_shard`` under Lightning's ``ModelParallelStrategy``) are
+tracked by their *local* shard: the flat vector holds this rank's scalars only, and writes go into the shard's
+local tensor in place. Nothing is gathered.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +21,48 @@ from torch import Tensor
 
 #: Per-parameter roles, used as a categorical feature by the field. The index is the feature column.
 ROLES: tuple[str, ...] = ("matrix", "bias", "vector", "embedding")
+
+
+def is_sharded(t: object) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a sharded or replicated parameter or optimizer state)."""
+    # no DTensor can exist before its module is imported; importing it here would cost half a second
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's local tensor of ``t`` (a view sharing its storage) for a ``DTensor``; ``t`` itself otherwise."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def _check_owned(name: str, p: Tensor, world_size: int) -> None:
+    """Refuse a parameter whose scalars are not each held by exactly one rank (see docs/distributed.md)."""
+    if not is_sharded(p):
+        if world_size > 1:
+            raise ValueError(
+                f"Per-shard GFM needs every tracked parameter sharded so that each scalar lives on exactly one rank; "
+                f"parameter `{name}` is a plain tensor, replicated on all {world_size} ranks. Apply `fully_shard` "
+                "to the whole model (e.g. `fully_shard(model)` last in `configure_model`), or use strategy='ddp'."
+            )
+        return
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    copies = world_size // max(mesh.size(), 1)
+    for dim, placement in enumerate(placements):
+        if placement.is_partial():
+            raise ValueError(
+                f"Per-shard GFM reads each rank's local shard as the parameter's values, which needs `Shard` or "
+                f"`Replicate` placements; parameter `{name}` has placements {placements}."
+            )
+        if placement.is_replicate():
+            copies *= mesh.size(dim)
+    if copies != 1:
+        raise ValueError(
+            f"Per-shard GFM needs each scalar on exactly one rank (placements `Shard(d)` on a mesh of all "
+            f"{world_size} ranks, `Replicate` only on mesh dimensions of size 1); parameter `{name}` with "
+            f"placements {placements} on a mesh of shape {tuple(mesh.shape)} is held by {copies} ranks. "
+            "Replicated shards (HSDP, tensor parallelism leaving parameters replicated) are not supported: "
+            "see docs/distributed.md."
+        )
 
 
 def _role(name: str, p: Tensor) -> int:
@@ -34,8 +81,9 @@ class ParamSpec:
 
     Attributes:
         names: parameter names, as ``module.named_parameters()`` gives them.
-        params: the live parameters (only those with ``requires_grad``).
-        offsets: start of each parameter in the flat vector; ``offsets[-1] == numel``.
+        params: the live parameters (only those with ``requires_grad``), the keys of ``optimizer.state``; for a
+            sharded model the ``DTensor`` parameters (:attr:`tensors` are their local shards).
+        offsets: start of each parameter (its local shard) in the flat vector; ``offsets[-1] == numel``.
         groups: index of the optimizer param group that owns each parameter (``0`` without an optimizer).
         roles: index into :data:`ROLES` for each parameter.
     """
@@ -56,7 +104,8 @@ class ParamSpec:
                 optimizer does not hold are not tracked (they never move).
 
         Raises:
-            ValueError: if no trainable parameter is left to track.
+            ValueError: if no trainable parameter is left to track, or (sharded parameters, ``DTensor``) if a
+                scalar would not live on exactly one rank (a replicated or partial placement).
         """
         group_of: dict[int, int] = {}
         if optimizer is not None:
@@ -71,29 +120,45 @@ class ParamSpec:
             params.append(p)
             groups.append(group_of.get(id(p), 0))
             roles.append(_role(name, p))
-            offsets.append(offsets[-1] + p.numel())
+            offsets.append(offsets[-1] + local(p).numel())
         if not params:
             raise ValueError(
                 "`module` has no trainable parameter held by the optimizer: nothing to forecast. "
                 "Check `requires_grad` and the parameters passed to `configure_optimizers`."
             )
+        if any(is_sharded(p) for p in params):
+            dist = torch.distributed
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            for name, p in zip(names, params, strict=True):
+                _check_owned(name, p, world)
         return cls(names=names, params=params, offsets=offsets, groups=groups, roles=roles)
 
     @property
     def numel(self) -> int:
-        """Number of tracked scalars ``P``."""
+        """Number of tracked scalars ``P`` (this rank's local ones when the parameters are sharded)."""
         return self.offsets[-1]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are ``DTensor`` shards (each rank then tracks only its local scalars)."""
+        return any(is_sharded(p) for p in self.params)
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        """The tensors the flat vector covers: the parameters, or their local shards (views) when sharded."""
+        return [local(p) for p in self.params]
 
     @property
     def device(self) -> torch.device:
         """Device of the first tracked parameter (the model's device)."""
-        return self.params[0].device
+        return local(self.params[0]).device
 
     def flatten(self, tensors: Iterable[Tensor] | None = None, device=None, dtype=None) -> Tensor:
         """Concatenate the parameters (or per-parameter tensors in the same order) into shape ``(P,)``.
 
         Args:
-            tensors: tensors shaped like the parameters; defaults to the parameters themselves.
+            tensors: tensors shaped like the parameters (``DTensor`` ones are read through their local shard);
+                defaults to the parameters themselves.
             device: target device, defaults to the tensors' own.
             dtype: target dtype, defaults to the tensors' own.
 
@@ -101,26 +166,28 @@ class ParamSpec:
             A new tensor of shape ``(P,)`` (always a copy, never a view of a parameter).
         """
         tensors = self.params if tensors is None else tensors
-        parts = [t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors]
+        parts = [local(t).detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors]
         flat = torch.cat(parts)
         if len(parts) == 1 and flat.data_ptr() == parts[0].data_ptr():
             flat = flat.clone()
         return flat
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
-        """Views of ``flat`` (shape ``(P,)``) shaped like each parameter."""
+        """Views of ``flat`` (shape ``(P,)``) shaped like each parameter (its local shard when sharded)."""
         self._check(flat, "flat")
-        return [flat[a:b].view_as(p) for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:], strict=False)]
+        bounds = zip(self.tensors, self.offsets[:-1], self.offsets[1:], strict=False)
+        return [flat[a:b].view_as(p) for p, a, b in bounds]
 
     @torch.no_grad()
     def write_(self, flat: Tensor, targets: Sequence[Tensor] | None = None) -> None:
         """Copy ``flat`` (shape ``(P,)``) into the parameters (or ``targets``) in place.
 
-        The parameter objects are not replaced, so ``id(p)`` and every reference to them stay valid.
+        The parameter objects are not replaced, so ``id(p)`` and every reference to them stay valid; a sharded
+        parameter's local shard is written (``DTensor`` targets likewise).
         """
         targets = self.params if targets is None else targets
         for t, view in zip(targets, self.unflatten(flat), strict=False):
-            t.detach().copy_(view)
+            local(t).detach().copy_(view)
 
     def group_index(self, device=None) -> Tensor:
         """Param-group index of every scalar, shape ``(P,)``, dtype ``long``."""

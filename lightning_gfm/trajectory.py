@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_gfm.params import ParamSpec
+from lightning_gfm.params import ParamSpec, local
 
 
 @dataclass
@@ -150,6 +150,7 @@ class TrajectoryBuffer:
 
         One pass over the weights and each optimizer state: every parameter (and its state) is copied, converted
         to the buffer's dtype on the way, into its place in the flat slot. Absent state entries read as zeros.
+        Sharded parameters (``DTensor``) and their state are read through their local shard: ``P`` is local.
 
         Args:
             optimizer: the live optimizer.
@@ -160,13 +161,13 @@ class TrajectoryBuffer:
         k = self._next_slot(step, spec.numel, state_names)
         bounds = list(zip(spec.params, spec.offsets[:-1], spec.offsets[1:], strict=True))
         w = self._w[k]
-        for p, a, b in bounds:
-            w[a:b].copy_(p.detach().reshape(-1))
+        for (_, a, b), x in zip(bounds, spec.tensors, strict=True):
+            w[a:b].copy_(x.detach().reshape(-1))
         opt_step = 0
         for p, _, _ in bounds:
             s = optimizer.state.get(p, {}).get("step")
             if s is not None:
-                opt_step = int(s.item() if isinstance(s, Tensor) else s)
+                opt_step = int(local(s).item() if isinstance(s, Tensor) else s)
                 break
         for name, slots in self._state.items():
             row = slots[k]
@@ -175,7 +176,7 @@ class TrajectoryBuffer:
                 if t is None:
                     row[a:b].zero_()
                 else:
-                    row[a:b].copy_(t.detach().reshape(-1))
+                    row[a:b].copy_(local(t).detach().reshape(-1))
         lrs = torch.tensor([float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float64)
         self._set_meta(k, step, lrs, opt_step)
 

@@ -7,6 +7,7 @@ starts from; ``tau`` is time since the anchor in record intervals.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,6 +33,30 @@ def _tensor_rms(w: Tensor, tensor_index: Tensor, offsets: list[int], eps: float)
     sizes = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)], dtype=w.dtype)
     sq = torch.zeros(w.shape[0], len(sizes), dtype=w.dtype, device=w.device).index_add_(1, tensor_index, w * w)
     return (sq / sizes.to(w.device).clamp_min(1) + eps).sqrt()
+
+
+def shard_sums_size(k: int, n_tensors: int) -> int:
+    """Values in the one message :meth:`Window.from_buffer` sums over the ranks for ``k`` snapshots."""
+    return (2 * k) * n_tensors
+
+
+def _shard_sums(w: Tensor, u: Tensor, tensor_index: Tensor, n: int, reduce: Callable[[Tensor], Tensor]):
+    """Per-tensor sums over all ranks' shards: ``u**2`` per row ``(K-1, n)``, ``w**2`` per row ``(K, n)``, counts.
+
+    One message of :func:`shard_sums_size` values (float64) through ``reduce`` (a sum over the ranks).
+    """
+    u_sq = torch.zeros(u.shape[0], n, dtype=u.dtype, device=u.device).index_add_(1, tensor_index, u * u)
+    w_sq = torch.zeros(w.shape[0], n, dtype=w.dtype, device=w.device).index_add_(1, tensor_index, w * w)
+    count = torch.zeros(n, dtype=w.dtype, device=w.device).index_add_(0, tensor_index, torch.ones_like(w[0]))
+    total = reduce(torch.cat([u_sq.reshape(-1), w_sq.reshape(-1), count]).double()).to(w.device)
+    a, b = u_sq.numel(), u_sq.numel() + w_sq.numel()
+    return total[:a].view_as(u_sq), total[a:b].view_as(w_sq), total[b:]
+
+
+def _u_rms_tensor_from_sums(u_sq: Tensor, count: Tensor, tensor_index: Tensor, dtype) -> Tensor:
+    """:func:`_velocity_scales`' per-tensor RMS of ``u_rms`` from whole-tensor sums (``(K-1, n)``, ``(n,)``)."""
+    mean_sq = (u_sq.sum(0) / u_sq.shape[0] + count * 1e-30) / count.clamp_min(1)  # mean over the tensor of u_rms**2
+    return (mean_sq + 1e-30).sqrt().to(dtype)[tensor_index.to(u_sq.device)].to(tensor_index.device)
 
 
 def _as_slice(i: Tensor) -> slice | Tensor:
@@ -61,6 +86,10 @@ class Window:
         roles, tensor_index, group_index: per-scalar indices, shape ``(P,)``.
         interval: median steps between snapshots.
         progress: fraction of planned training done at each snapshot, shape ``(K,)`` (zeros when unknown).
+        u_sq_tensor: with sharded parameters, each tensor's sum of ``u**2`` over all ranks' shards per velocity,
+            shape ``(K-1, n_tensors)`` (float64), so that :meth:`head` recomputes whole-tensor scales without
+            another collective; ``None`` otherwise.
+        tensor_count: with sharded parameters, each tensor's number of scalars over all ranks, ``(n_tensors,)``.
     """
 
     steps: Tensor
@@ -77,12 +106,29 @@ class Window:
     group_index: Tensor
     interval: float
     progress: Tensor
+    u_sq_tensor: Tensor | None = None
+    tensor_count: Tensor | None = None
 
     @classmethod
     def from_buffer(
-        cls, buffer: TrajectoryBuffer, spec: ParamSpec, state_names, total_steps: int | None = None
+        cls,
+        buffer: TrajectoryBuffer,
+        spec: ParamSpec,
+        state_names,
+        total_steps: int | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> Window:
-        """Build the window from ``buffer``; needs at least two snapshots."""
+        """Build the window from ``buffer``; needs at least two snapshots.
+
+        Args:
+            buffer: the recorded snapshots.
+            spec: the tracked parameters (the buffer's flat layout).
+            state_names: optimizer state to read.
+            total_steps: planned training length (for the progress feature), if known.
+            reduce: with sharded parameters (each rank holds a shard of every tensor), sums a float64 message of
+                :func:`shard_sums_size` values over the ranks, so that the per-tensor scales (``u_rms_tensor``,
+                ``w_rms_tensor``) are those of the whole tensors, not of the local shards; ``None``: local.
+        """
         if len(buffer) < 2:
             raise ValueError(f"A window needs at least 2 snapshots, the buffer holds {len(buffer)}.")
         dev = buffer.device
@@ -93,6 +139,13 @@ class Window:
         tindex = spec.tensor_index(dev)
         n = len(spec.params)
         u_rms, u_rms_tensor = _velocity_scales(u, tindex, n)
+        w_rms_tensor, u_sq_tensor, tensor_count = None, None, None
+        if reduce is not None:
+            u_sq_tensor, w_sq, tensor_count = _shard_sums(w, u, tindex, n, reduce)
+            u_rms_tensor = _u_rms_tensor_from_sums(u_sq_tensor, tensor_count, tindex, u.dtype)
+            w_rms_tensor = (w_sq / tensor_count.clamp_min(1) + 1e-12).sqrt().to(w.dtype)
+        else:
+            w_rms_tensor = _tensor_rms(w, tindex, spec.offsets, 1e-12)
         progress = steps / total_steps if total_steps else torch.zeros_like(steps)
         return cls(
             steps=steps,
@@ -103,12 +156,14 @@ class Window:
             u=u,
             u_rms=u_rms,
             u_rms_tensor=u_rms_tensor,
-            w_rms_tensor=_tensor_rms(w, tindex, spec.offsets, 1e-12),
+            w_rms_tensor=w_rms_tensor,
             roles=spec.role_index(dev),
             tensor_index=tindex,
             group_index=spec.group_index(dev),
             interval=float((steps[1:] - steps[:-1]).median()),
             progress=progress.clamp(0, 1).to(torch.float32),
+            u_sq_tensor=u_sq_tensor,
+            tensor_count=tensor_count,
         )
 
     def head(self, n: int) -> Window:
@@ -117,6 +172,9 @@ class Window:
             raise ValueError(f"`n` must be in [2, {self.K}], got {n}.")
         u = self.u[: n - 1]
         u_rms, u_rms_tensor = _velocity_scales(u, self.tensor_index, self.w_rms_tensor.shape[1])
+        u_sq_tensor = None if self.u_sq_tensor is None else self.u_sq_tensor[: n - 1]
+        if u_sq_tensor is not None:  # sharded: whole-tensor scales from the sums taken when the window was built
+            u_rms_tensor = _u_rms_tensor_from_sums(u_sq_tensor, self.tensor_count, self.tensor_index, u.dtype)
         return replace(
             self,
             steps=self.steps[:n],
@@ -130,6 +188,7 @@ class Window:
             w_rms_tensor=self.w_rms_tensor[:n],
             interval=float((self.steps[1:n] - self.steps[: n - 1]).median()),
             progress=self.progress[:n],
+            u_sq_tensor=u_sq_tensor,
         )
 
     def recorded_lr_steps(self, start: int) -> Tensor:
