@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lightning_gfm.corpus import Trajectory
-from lightning_gfm.flow.field import FieldConfig, GradientField
+from lightning_gfm.flow.field import ANCHORS, FieldConfig, GradientField
 from lightning_gfm.flow.matching import anchors_and_segments, fit_field, matching_loss, sample_batch
 from lightning_gfm.forecast import backtest_error
 
@@ -46,7 +46,15 @@ class PretrainConfig:
         window: longest window, in snapshots (the callback's ``window``).
         min_window: shortest window drawn.
         history, hidden, depth, span: the field's :class:`~lightning_gfm.flow.field.FieldConfig`.
+        anchor: where the field's forecasts start (``"state"``, ``"velocity"`` or ``"trend"``, see
+            :class:`~lightning_gfm.flow.field.FieldConfig`); meta-training builds each sample's anchor context
+            this way, and the saved field keeps it, so a loaded field forecasts from the anchor it was trained on.
+        trend: snapshots in the least-squares line of ``anchor="trend"`` (an integer >= 2).
         seed: seeds initialisation and sampling.
+
+    Raises:
+        ValueError: ``anchor`` is not one of ``"state"``, ``"velocity"``, ``"trend"``, or ``trend`` is not an
+            integer >= 2 (the message names the argument, the rule and the value).
     """
 
     steps: int = 10000
@@ -59,11 +67,32 @@ class PretrainConfig:
     hidden: int = 16
     depth: int = 2
     span: float = 12.0
+    anchor: str = "trend"
+    trend: int = 8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.anchor not in ANCHORS:
+            raise ValueError(
+                f"`PretrainConfig.anchor` (--anchor) must be one of {', '.join(map(repr, ANCHORS))}, "
+                f"got {self.anchor!r}."
+            )
+        if isinstance(self.trend, bool) or not isinstance(self.trend, int) or self.trend < 2:
+            raise ValueError(
+                f"`PretrainConfig.trend` (--trend) must be an integer >= 2 (snapshots in the trend line), "
+                f"got {self.trend!r}."
+            )
 
     @property
     def field_config(self) -> FieldConfig:
-        return FieldConfig(history=self.history, hidden=self.hidden, depth=self.depth, span=self.span)
+        return FieldConfig(
+            history=self.history,
+            hidden=self.hidden,
+            depth=self.depth,
+            span=self.span,
+            anchor=self.anchor,
+            trend=self.trend,
+        )
 
 
 def _families(trajs: Sequence[Trajectory]) -> dict[str, list[int]]:
@@ -93,11 +122,14 @@ def pretrain_field(
     """
     from tqdm.auto import tqdm
 
-    trajs = [t for t in trajs if len(t.buffer) >= config.history + 3]
-    if not trajs:
-        raise ValueError("no trajectory long enough to pre-train on.")
     torch.manual_seed(config.seed)
     field = field if field is not None else GradientField(config.field_config)
+    trajs = [t for t in trajs if len(t.buffer) >= field.config.min_anchor + 3]
+    if not trajs:
+        raise ValueError(
+            f"no trajectory long enough to pre-train on (a field with anchor={field.config.anchor!r} needs "
+            f"{field.config.min_anchor + 3} snapshots)."
+        )
     opt = torch.optim.Adam(field.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps))
@@ -194,16 +226,20 @@ def evaluate_fields(
     online_lr: float = 3e-3,
     finetune: Sequence[str] = (),
     online: bool = True,
+    online_config: FieldConfig | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict]:
     """Forecasting error of ``fields`` (plus ``online`` and ``<name>+ft`` fine-tuned variants) on ``trajs``.
 
-    For each trajectory and each anchor position ``p`` (0 = the earliest anchor with ``history + 2`` snapshots
-    before it, 1 = the latest with ``lag`` snapshots after it), the observed past is the at most ``window``
-    snapshots ending at the anchor; every field forecasts ``lag`` snapshots ahead. ``online`` is a fresh
-    field fitted for ``online_steps`` on the observed past only (the callback's online fit); ``<name>+ft`` is
-    field ``<name>`` fine-tuned the same way (for each name in ``finetune``).
+    Every field forecasts with its own :class:`~lightning_gfm.flow.field.FieldConfig` (anchor, trend line,
+    history), as the callback does with a loaded field. For each trajectory and each anchor position ``p`` (0 =
+    the earliest anchor every field can start from: ``min_anchor + 2`` snapshots observed for the
+    most demanding field, 1 = the latest with ``lag`` snapshots after it), the observed past is the at most
+    ``window`` snapshots ending at the anchor; every field forecasts ``lag`` snapshots ahead from the same
+    positions. ``online`` is a fresh field with ``online_config`` (default: the callback's default config,
+    :attr:`PretrainConfig.field_config`) fitted for ``online_steps`` on the observed past only (the callback's
+    online fit); ``<name>+ft`` is field ``<name>`` fine-tuned the same way (for each name in ``finetune``).
 
     Returns:
         One row per (trajectory, anchor, field): ``trajectory``, ``family``, ``p``, ``field``, ``rel_error``.
@@ -211,11 +247,13 @@ def evaluate_fields(
     from tqdm.auto import tqdm
 
     rows = []
-    config = next(iter(fields.values())).config if fields else FieldConfig(span=12.0)
+    config = online_config if online_config is not None else PretrainConfig().field_config
+    configs = [f.config for f in fields.values()] + ([config] if online else [])
+    first = max((c.min_anchor for c in configs), default=config.min_anchor) + 2
     for traj in tqdm(trajs, desc="evaluate", disable=not progress, unit="traj"):
         k = len(traj.buffer)
         for p in anchors:
-            a_min, a_max = config.history + 2, k - lag  # a: observed snapshots end (exclusive) at the anchor
+            a_min, a_max = first, k - lag  # a: observed snapshots end (exclusive) at the anchor
             if a_max < a_min:
                 continue
             a = a_min + round(p * (a_max - a_min))

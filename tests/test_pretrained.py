@@ -13,10 +13,11 @@ import torch
 
 from lightning_gfm import GFMCallback
 from lightning_gfm.corpus import RunSpec, load_trajectory, record_run, save_trajectory
-from lightning_gfm.fields import PRETRAINED, field_info, load_field, pretrained_path, resolve_field
+from lightning_gfm.fields import PRETRAINED, field_info, load_field, pretrained_path, resolve_field, save_field
 from lightning_gfm.fields.cli import main
-from lightning_gfm.flow.field import GradientField
+from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import anchors_and_segments, matching_loss, sample_batch
+from lightning_gfm.forecast import backtest_error
 from lightning_gfm.pretrain import PretrainConfig, evaluate_fields, pretrain_field, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,12 +84,16 @@ def test_hostile_pickles_are_refused_without_running(tmp_path):
 # ------------------------------------------------------------------------------------------- pre-training
 def test_pretrain_learns_and_resumes(tmp_path):
     trajs = [record_run(_small()), record_run(_small("sgd", (("lr", 0.1),), init_seed=1))]
-    cfg = PretrainConfig(steps=60, windows_per_step=2, batch=256, min_window=8, window=12)
+    cfg = PretrainConfig(
+        steps=60, windows_per_step=2, batch=256, min_window=10, window=14
+    )  # each window has a trend anchor
     gen = torch.Generator().manual_seed(0)
     probes = []
     for t in trajs:
         win = t.window(0, len(t.buffer))
-        probes.append((win, t.dyn, sample_batch(win, anchors_and_segments(win, 3, 12.0), 2048, gen)))
+        probes.append(
+            (win, t.dyn, sample_batch(win, anchors_and_segments(win, cfg.field_config.min_anchor, 12.0), 2048, gen))
+        )
 
     def probe_loss(f):
         with torch.no_grad():
@@ -132,6 +137,71 @@ def test_evaluate_rows_and_online_fine_tuning():
     assert {r["p"] for r in rows} == {0.5, 1.0}
     assert all(r["rel_error"] is not None and r["rel_error"] >= 0 for r in rows)
     assert set(summarise(rows)) == {"pretrained", "online", "pretrained+ft"}
+
+
+def test_pretrain_defaults_are_the_callbacks():
+    assert PretrainConfig().field_config.to_dict() == GFMCallback().field_config.to_dict()
+    assert PretrainConfig().field_config.anchor == "trend"
+
+
+def test_trend_anchor_round_trips_through_save_and_load(tmp_path):
+    cfg = PretrainConfig(steps=3, windows_per_step=1, batch=64, anchor="trend", trend=5)
+    field, report = pretrain_field([record_run(_small())], cfg, progress=False)
+    assert (field.config.anchor, field.config.trend) == ("trend", 5)
+    assert (report["config"]["anchor"], report["config"]["trend"]) == ("trend", 5)
+    path = save_field(field, tmp_path / "trend.safetensors")
+    back = load_field(path)
+    assert back.config == field.config and (back.config.anchor, back.config.trend) == ("trend", 5)
+    assert field_info(path)["config"]["anchor"] == "trend" and field_info(path)["config"]["trend"] == 5
+    assert all(torch.equal(a, b) for a, b in zip(field.state_dict().values(), back.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            {"anchor": "latest"},
+            r"`PretrainConfig.anchor` \(--anchor\) must be one of 'state', 'velocity', 'trend', got 'latest'",
+        ),
+        ({"trend": 1}, r"`PretrainConfig.trend` \(--trend\) must be an integer >= 2 .*got 1\."),
+        ({"trend": 4.0}, r"`PretrainConfig.trend` \(--trend\) must be an integer >= 2 .*got 4.0\."),
+        ({"trend": True}, r"`PretrainConfig.trend` \(--trend\) must be an integer >= 2 .*got True\."),
+    ],
+)
+def test_bad_anchor_or_trend_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PretrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--anchor", "latest"], "argument --anchor: invalid choice: 'latest'"),
+        (["--trend", "1"], "argument --trend: must be an integer >= 2 (snapshots in the trend line), got '1'"),
+        (["--trend", "eight"], "argument --trend: must be an integer >= 2 (snapshots in the trend line), got 'eight'"),
+    ],
+)
+def test_cli_refuses_bad_anchor_or_trend(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--corpus", str(tmp_path), "--out", str(tmp_path / "f.safetensors"), *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_evaluate_forecasts_each_field_from_its_own_anchor():
+    traj = record_run(_small(steps=300))
+    fields = {
+        "state": GradientField(FieldConfig(span=12.0, anchor="state")),
+        "trend": GradientField(FieldConfig(span=12.0, anchor="trend", trend=8)),
+    }
+    rows = evaluate_fields([traj], fields, anchors=(0.0, 1.0), online=False, progress=False)
+    err = {(r["field"], r["p"]): r["rel_error"] for r in rows}
+    assert set(err) == {(f, p) for f in fields for p in (0.0, 1.0)}
+    # the earliest anchor is one every field can start from (the trend line needs 8 snapshots), the same for all
+    assert all(e is not None and math.isfinite(e) for e in err.values())
+    assert err["state", 0.0] != err["trend", 0.0] and err["state", 1.0] != err["trend", 1.0]
+    a = 7 + 2  # observed snapshots at p=0: min_anchor (7 for trend=8) + 2, the same for every field
+    expected = backtest_error(fields["trend"], traj.window(0, a + 12), traj.dyn, 12, max_scalars=None)
+    assert err["trend", 0.0] == pytest.approx(expected)
 
 
 # ------------------------------------------------------------------------------------------ console commands
