@@ -129,7 +129,9 @@ class GFMCallback(pl.Callback):
         fit_batch: scalars per fitting step.
         fit_seconds: wall-clock cap of one fit.
         backtest: snapshots held back to check a fitted or loaded field against the prior before trusting it
-            (0 disables; unused while the field is the prior itself).
+            (0 disables; unused while the field is the prior itself). The prior is this callback's own (its
+            ``anchor``, ``trend``, ``history``), also when a loaded field was trained with other settings, so a
+            loaded field is used only where it beats what the callback would do without it.
         history: past velocities the field sees.
         hidden: hidden width of the field's network.
         span: record intervals ahead the field is fitted for.
@@ -275,6 +277,7 @@ class GFMCallback(pl.Callback):
         self.fit_seconds = fit_seconds
         self.backtest = backtest
         self.field_config = config
+        self.prior_config = config  # the prior a fitted or loaded field must beat: this callback's own settings
         self.solver = solver
         self.buffer_device = torch.device(buffer_device)
         self.buffer_dtype = buffer_dtype
@@ -321,7 +324,7 @@ class GFMCallback(pl.Callback):
         The same for every field, fitted or not: jumping from the prior's first possible anchor on hurt mnist1d
         (docs/experiments.md, E19).
         """
-        return self.field_config.min_anchor + max(self.backtest, 1) + 2
+        return max(self.field_config.min_anchor, self.prior_config.min_anchor) + max(self.backtest, 1) + 2
 
     # ----------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -586,7 +589,7 @@ class GFMCallback(pl.Callback):
     def _prior(self, device) -> GradientField:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            return GradientField(self.field_config).to(device)
+            return GradientField(self.prior_config).to(device)
 
     def _check_same_decision(self, trainer: pl.Trainer, index: int | None) -> None:
         # Sharded: each rank moved its own scalars after the same reduced metrics, so the ranks must have taken

@@ -18,7 +18,8 @@ from models import DigitsModule, tiny_trainer
 
 from lightning_gfm import GFMCallback, JumpOutcome
 from lightning_gfm.dynamics import future_learning_rates
-from lightning_gfm.fields import load_field
+from lightning_gfm.fields import load_field, save_field
+from lightning_gfm.flow.field import FieldConfig, GradientField
 
 FAST = dict(record_every=2, jump_every=20, window=12, trend=4, fit_steps=10, fit_batch=512, eval_batches=2)
 
@@ -430,6 +431,22 @@ class _FieldSpy(GFMCallback):
     def on_fit_start(self, trainer, pl_module):
         super().on_fit_start(trainer, pl_module)
         self.start_field = {k: v.detach().clone() for k, v in self.field.state_dict().items()}
+
+
+def test_a_loaded_field_is_backtested_against_the_callbacks_own_prior(tmp_path):
+    # a field trained with another anchor keeps it, but the prior it must beat is the callback's (trend, 6 here)
+    torch.manual_seed(0)
+    other = GradientField(FieldConfig(anchor="state", span=12.0))
+    torch.nn.init.normal_(other.out.weight, std=0.1)  # not the prior: its output varies
+    path = save_field(other, tmp_path / "state.safetensors")
+    pl.seed_everything(0, verbose=False)
+    cb = GFMCallback(**{**FAST, "fit_steps": 0, "trend": 6}, field=path)
+    tiny_trainer(tmp_path, [cb], max_steps=60).fit(DigitsModule())
+    assert cb.field_config.anchor == "state" and cb.prior_config.anchor == "trend" and cb.prior_config.trend == 6
+    assert cb._prior("cpu").config == cb.prior_config
+    assert cb.min_snapshots == 5 + 3 + 2  # the trend prior's earliest anchor (trend - 1 = 5), not the field's (3)
+    tried = [j for j in cb.jumps if math.isfinite(j.backtest_prior)]
+    assert tried and all(math.isfinite(j.backtest_fitted) for j in tried)
 
 
 def test_saved_field_is_the_starting_field(fitted, tmp_path):
