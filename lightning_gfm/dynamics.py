@@ -22,6 +22,7 @@ generic (opt-in)    none                                ``dw/ds = -lr * g`` (an 
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from abc import ABC, abstractmethod
 
@@ -38,6 +39,106 @@ _TINY = 1e-12
 def _is_zero(x: Tensor | float) -> bool:
     """Whether a hyperparameter from :meth:`Dynamics._hs` is the float zero (a term that can be skipped)."""
     return isinstance(x, float) and x == 0.0
+
+
+class HeldGradient:
+    """The optimizer driven by a gradient surrogate ``g`` held constant (the untrained prior field): a closed form.
+
+    Every optimizer state then relaxes linearly to a fixed target, ``s' = rate_s (target_s - s)``, so along any
+    linear integrator its value is ``target_s + c dev_s`` (``dev_s = s(0) - target_s``) with a scalar ``c`` that
+    depends only on the integrator and ``rate_s``; the weights move by ``dw/ds = -lr (F + decay w)``, with ``F``
+    computed (per scalar) from the states one optimizer step ahead, ``s + ds = target_s + (1 - rate_s) c dev_s``,
+    as in :meth:`Dynamics.velocity`. This is what lets a forecast skip integrating the states
+    (:func:`lightning_gfm.flow.ode.rk4_linear_steps`).
+
+    Attributes:
+        rates: relaxation rate of each state per optimizer step (Python floats).
+        targets: value each state relaxes to, shape ``(P,)``.
+        devs: ``state(0) - target``, shape ``(P,)``.
+        decay: the weights' own decay (AdamW's decoupled decay, SGD's weight decay): ``dw/ds`` holds ``-lr decay w``.
+    """
+
+    def __init__(self, state: dict[str, Tensor], rates: dict[str, float], targets: dict[str, Tensor], decay: float):
+        self.rates, self.targets, self.decay = rates, targets, decay
+        self.devs = {n: state[n] - targets[n] for n in rates}
+
+    def _ahead(self, name: str, coef: dict[str, float]) -> Tensor:
+        """State ``name`` one optimizer step ahead of ``target + coef dev`` (a new tensor)."""
+        return torch.add(self.targets[name], self.devs[name], alpha=coef[name] * (1 - self.rates[name]))
+
+    def add_update(self, acc: Tensor, coef: dict[str, float], k: float, scale: float) -> None:
+        """``acc += scale * F`` for the states ``target + coef dev`` at optimizer step count ``k``, in place."""
+        raise NotImplementedError
+
+
+class _SGDHeld(HeldGradient):
+    """SGD (and the generic fallback): ``F = g``, no state."""
+
+    def __init__(self, gp: Tensor, decay: float) -> None:
+        super().__init__({}, {}, {}, decay)
+        self.gp = gp
+
+    def add_update(self, acc, coef, k, scale):
+        acc.add_(self.gp, alpha=scale)
+
+
+class _MomentumHeld(HeldGradient):
+    """SGD with momentum and no weight decay: ``F = b + db`` (Nesterov: ``g + mu (b + db)``)."""
+
+    def __init__(self, state, gp: Tensor, mu: float, damp: float, nesterov: bool) -> None:
+        super().__init__(state, {"momentum_buffer": 1 - mu}, {"momentum_buffer": gp * ((1 - damp) / (1 - mu))}, 0.0)
+        self.gp, self.mu, self.nesterov = gp, mu, nesterov
+
+    def add_update(self, acc, coef, k, scale):
+        # F is linear in the buffer: no temporary
+        f = self.mu if self.nesterov else 1.0
+        acc.add_(self.targets["momentum_buffer"], alpha=scale * f)
+        acc.add_(self.devs["momentum_buffer"], alpha=scale * f * coef["momentum_buffer"] * self.mu)
+        if self.nesterov:
+            acc.add_(self.gp, alpha=scale)
+
+
+class _AdamHeld(HeldGradient):
+    """Adam/AdamW without coupled weight decay: ``F = m_hat / (sqrt(v_hat) + eps)`` of the moments a step ahead."""
+
+    def __init__(self, state, gp: Tensor, noise: Tensor | None, b1: float, b2: float, eps: float, decay: float):
+        sq = gp * gp if noise is None else gp * gp + noise
+        super().__init__(state, {"exp_avg": 1 - b1, "exp_avg_sq": 1 - b2}, {"exp_avg": gp, "exp_avg_sq": sq}, decay)
+        self.b1, self.b2, self.eps = b1, b2, eps
+
+    def add_update(self, acc, coef, k, scale):
+        c1, c2, root_c2 = _adam_corrections(self.b1, self.b2, k, acc.dtype)
+        m = self._ahead("exp_avg", coef)
+        # as AdamDynamics.velocity: sqrt(v / c2) + eps = (sqrt(v) + eps sqrt(c2)) / sqrt(c2); the clamp at
+        # 1e-30 c2 stands for its clamp at 0 plus 1e-30 c2 (they differ by at most 1e-30 c2)
+        den = self._ahead("exp_avg_sq", coef).clamp_min_(1e-30 * c2).sqrt_().add_(self.eps * root_c2)
+        acc.addcdiv_(m, den, value=scale * root_c2 / c1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _adam_corrections(b1: float, b2: float, k: float, dtype: torch.dtype) -> tuple[float, float, float]:
+    """``1 - b1^(k + 1)``, ``1 - b2^(k + 1)`` and the root of the latter, computed as AdamDynamics.velocity does."""
+    k1 = torch.tensor(k, dtype=dtype).add(1).clamp_min(1.0)
+    c1, c2 = 1 - b1**k1, 1 - b2**k1
+    return float(c1), float(c2), float(c2.sqrt())
+
+
+class _RMSpropHeld(HeldGradient):
+    """RMSprop without momentum or weight decay: ``F = g / (sqrt(v + dv [- (a + da)^2]) + eps)``."""
+
+    def __init__(self, state, gp: Tensor, noise: Tensor | None, alpha: float, eps: float) -> None:
+        targets = {"square_avg": gp * gp if noise is None else gp * gp + noise}
+        if "grad_avg" in state:
+            targets["grad_avg"] = gp
+        super().__init__(state, dict.fromkeys(targets, 1 - alpha), targets, 0.0)
+        self.gp, self.eps = gp, eps
+
+    def add_update(self, acc, coef, k, scale):
+        den = self._ahead("square_avg", coef)
+        if "grad_avg" in self.targets:
+            ga = self._ahead("grad_avg", coef)
+            den.addcmul_(ga, ga, value=-1.0)
+        acc.addcdiv_(self.gp, den.clamp_min_(1e-30).sqrt_().add_(self.eps), value=scale)
 
 
 class Dynamics(ABC):
@@ -60,8 +161,13 @@ class Dynamics(ABC):
         """Hyperparameter ``name`` for every scalar, on ``like``'s device and dtype, shape ``(P,)``."""
         key = f"{name}/{like.device}/{like.dtype}/{like.numel()}"
         if key not in self._expanded:
-            table = torch.tensor(self.hyper[name], dtype=like.dtype, device=like.device)
-            self._expanded[key] = table[self.group_index.to(like.device)]
+            values = self.hyper[name]
+            if all(v == values[0] for v in values):  # one value: a broadcast view, no gather
+                one = torch.tensor(values[0], dtype=like.dtype, device=like.device)
+                self._expanded[key] = one.expand(self.group_index.shape)
+            else:
+                table = torch.tensor(values, dtype=like.dtype, device=like.device)
+                self._expanded[key] = table[self.group_index.to(like.device)]
         return self._expanded[key]
 
     def _hs(self, name: str, like: Tensor) -> Tensor | float:
@@ -69,10 +175,26 @@ class Dynamics(ABC):
         values = self.hyper[name]
         return float(values[0]) if all(v == values[0] for v in values) else self.h(name, like)
 
-    def restrict(self, index: Tensor) -> Dynamics:
-        """The same dynamics for the subset ``index`` of scalars (used for chunked integration)."""
+    def _shared(self, *names: str) -> list[float] | None:
+        """Hyperparameters ``names`` as Python floats when every group shares each of them, else ``None``."""
+        out = []
+        for name in names:
+            values = self.hyper[name]
+            if any(v != values[0] for v in values):
+                return None
+            out.append(float(values[0]))
+        return out
+
+    def restrict(self, index: Tensor | slice) -> Dynamics:
+        """The same dynamics for the subset ``index`` (indices, or a range) of scalars (chunked integration)."""
         clone = copy.copy(self)
-        clone.group_index = self.group_index[index.to(self.group_index.device)]
+        if isinstance(index, slice):
+            clone.group_index = self.group_index[index]
+        elif len(next(iter(self.hyper.values()), [])) == 1:  # one param group: every index is 0, no gather
+            clone.group_index = torch.zeros((), dtype=self.group_index.dtype, device=self.group_index.device)
+            clone.group_index = clone.group_index.expand(index.shape)
+        else:
+            clone.group_index = self.group_index[index.to(self.group_index.device)]
         clone._expanded = {}
         return clone
 
@@ -99,6 +221,14 @@ class Dynamics(ABC):
         Returns:
             ``(dw, dstate)``: shape ``(P,)`` and a dict like ``state``.
         """
+
+    def held_gradient(self, state: dict[str, Tensor], g: Tensor, noise: Tensor | None) -> HeldGradient | None:
+        """The closed form of this optimizer under the constant surrogate ``g`` (:class:`HeldGradient`).
+
+        ``None`` when there is none here: the weights feed back into the states (coupled weight decay with
+        moments), a state is not a linear relaxation (RMSprop's momentum), or the groups' hyperparameters differ.
+        """
+        return None
 
     @abstractmethod
     def gradient_estimate(self, w: Tensor, state: dict[str, Tensor], u: Tensor, lr: Tensor, k: float) -> Tensor:
@@ -143,6 +273,10 @@ class SGDDynamics(Dynamics):
     def velocity(self, w, state, g, lr, k, noise=None):
         return -lr * self._coupled(self._sign(g), w), {}
 
+    def held_gradient(self, state, g, noise):
+        wd = self._shared("weight_decay")
+        return None if wd is None else _SGDHeld(self._sign(g), wd[0])
+
     def gradient_estimate(self, w, state, u, lr, k):
         return self._sign(-u / lr.clamp_min(_TINY)) - self.h("weight_decay", w) * w
 
@@ -166,6 +300,12 @@ class MomentumDynamics(Dynamics):
         b_next = mu * b + (1 - damp) * gp
         step = gp + mu * b_next if self.hyper["nesterov"][0] else b_next
         return -lr * step, {"momentum_buffer": b_next - b}
+
+    def held_gradient(self, state, g, noise):
+        hs = self._shared("momentum", "dampening", "weight_decay")
+        if hs is None or hs[2] != 0.0 or not 0.0 < hs[0] < 1.0:
+            return None
+        return _MomentumHeld(state, self._sign(g), hs[0], hs[1], bool(self.hyper["nesterov"][0]))
 
     def gradient_estimate(self, w, state, u, lr, k):
         mu, damp = self.h("momentum", w), self.h("dampening", w)
@@ -199,9 +339,25 @@ class AdamDynamics(Dynamics):
         return 1.0 / (1.0 - max(self.hyper["beta1"]))
 
     def _hat(self, m: Tensor, v: Tensor, k: float, like: Tensor) -> tuple[Tensor, Tensor]:
-        b1, b2 = self.h("beta1", like), self.h("beta2", like)
-        k = torch.as_tensor(k, dtype=like.dtype, device=like.device).clamp_min(1.0)
-        return m / (1 - b1**k), v / (1 - b2**k)
+        c1, c2 = self._corrections(k, like)
+        return m / c1, v / c2
+
+    def _corrections(self, k: float, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Adam's bias corrections ``1 - beta^k`` of both moments: 0-dim when they are the same for every scalar."""
+        k = torch.as_tensor(k, dtype=like.dtype, device=like.device)
+        shared = self._shared("beta1", "beta2")
+        if shared is not None and (k.ndim == 0 or (k.ndim == 1 and k.stride(0) == 0 and k.numel() > 0)):
+            # one step counter (a broadcast view) and shared betas: the bias corrections are 0-dim, the same values
+            b1, b2 = (torch.tensor(b, dtype=like.dtype, device=like.device) for b in shared)
+            k = k.reshape(-1)[0] if k.ndim else k
+        else:
+            b1, b2 = self.h("beta1", like), self.h("beta2", like)
+        k = k.clamp_min(1.0)
+        return 1 - b1**k, 1 - b2**k
+
+    def _coupled_decay(self, w: Tensor) -> Tensor | float:
+        """Adam's coupled (L2) weight decay, a float when shared by the groups."""
+        return (1 - self._hs("decoupled", w)) * self._hs("weight_decay", w)
 
     def velocity(self, w, state, g, lr, k, noise=None):
         b1, b2, eps = self._hs("beta1", w), self._hs("beta2", w), self._hs("eps", w)
@@ -232,15 +388,25 @@ class AdamDynamics(Dynamics):
         dw.mul_(root_c2 / c1).add_(decay * w)
         return dw.mul_(-lr), {"exp_avg": dm, "exp_avg_sq": dv}
 
+    def held_gradient(self, state, g, noise):
+        hs = self._shared("beta1", "beta2", "eps", "decoupled", "weight_decay")
+        if hs is None:
+            return None
+        b1, b2, eps, decoupled, wd = hs
+        if (1 - decoupled) * wd != 0.0:  # coupled decay: the weights feed back into the moments
+            return None
+        return _AdamHeld(state, self._sign(g), noise, b1, b2, eps, decoupled * wd)
+
     def gradient_estimate(self, w, state, u, lr, k):
-        m_hat, _ = self._hat(state["exp_avg"], state["exp_avg_sq"], k, w)
-        coupled = (1 - self.h("decoupled", w)) * self.h("weight_decay", w)
-        return self._sign(m_hat - coupled * w)
+        m_hat = state["exp_avg"] / self._corrections(k, w)[0]
+        coupled = self._coupled_decay(w)
+        return self._sign(m_hat if _is_zero(coupled) else m_hat - coupled * w)
 
     def gradient_noise(self, w, state, g, k):
-        _, v_hat = self._hat(state["exp_avg"], state["exp_avg_sq"], k, w)
-        gp = self._sign(g) + (1 - self.h("decoupled", w)) * self.h("weight_decay", w) * w
-        return (v_hat - gp * gp).clamp_min(0)
+        v_hat = state["exp_avg_sq"] / self._corrections(k, w)[1]
+        gp, coupled = self._sign(g), self._coupled_decay(w)
+        gp = gp if _is_zero(coupled) else gp + coupled * w
+        return v_hat.sub_(gp * gp).clamp_min_(0)
 
     def gradient_from_velocity(self, w, state, u, lr, k):
         decoupled, wd = self.h("decoupled", w), self.h("weight_decay", w)
@@ -249,7 +415,7 @@ class AdamDynamics(Dynamics):
         return self._sign(m_hat) - (1 - decoupled) * wd * w
 
     def gradient_scale(self, state, u_rms, lr, k):
-        _, v_hat = self._hat(state["exp_avg"], state["exp_avg_sq"], k, u_rms)
+        v_hat = state["exp_avg_sq"] / self._corrections(k, u_rms)[1]
         return (v_hat.clamp_min(0) + 1e-30).sqrt() + self.h("eps", u_rms)
 
     def direction(self, state, g_scale, k):
@@ -296,6 +462,12 @@ class RMSpropDynamics(Dynamics):
             return -lr * b_next, d
         return -lr * gp / avg, d
 
+    def held_gradient(self, state, g, noise):
+        hs = self._shared("alpha", "eps", "weight_decay")
+        if hs is None or hs[2] != 0.0 or "momentum_buffer" in state:
+            return None
+        return _RMSpropHeld(state, self._sign(g), noise, hs[0], hs[1])
+
     def gradient_estimate(self, w, state, u, lr, k):
         avg = self._avg(state["square_avg"], state.get("grad_avg"), self.h("eps", w))
         if "momentum_buffer" in state:
@@ -328,6 +500,9 @@ class RMSpropDynamics(Dynamics):
 
 class GenericDynamics(SGDDynamics):
     """Opt-in fallback for other optimizers: SGD-shaped, ``dw/ds = -lr g``, the field learns ``g`` outright."""
+
+    def held_gradient(self, state, g, noise):
+        return _SGDHeld(self._sign(g), 0.0)
 
     def _coupled(self, g: Tensor, w: Tensor) -> Tensor:
         return g
@@ -395,6 +570,8 @@ def dynamics_for(optimizer: torch.optim.Optimizer, spec: ParamSpec, generic: boo
 
 def read_state(optimizer: torch.optim.Optimizer, spec: ParamSpec, names, device=None, dtype=None) -> dict:
     """Flatten the optimizer state ``names`` of every tracked parameter; absent entries read as zeros.
+
+    A sharded parameter's state (a ``DTensor`` sharded like it) is read through its local tensor.
 
     Returns:
         name -> tensor of shape ``(P,)``.
@@ -507,8 +684,6 @@ def lr_by_step(lr_calls: Tensor, horizon: int, every: int, offset: int = 0) -> T
         horizon: number of future optimizer steps wanted.
         every: optimizer steps between two scheduler calls (``1`` for ``interval="step"``).
         offset: optimizer steps already done since the last scheduler call.
-
-    A sharded parameter's state (a ``DTensor`` sharded like it) is read through its local tensor.
 
     Returns:
         Shape ``(horizon + 1, G)``; row ``s`` is the learning rate used by the ``s``-th next step.

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lightning_gfm.dynamics import Dynamics
+from lightning_gfm.dynamics import Dynamics, HeldGradient
 from lightning_gfm.flow.field import GradientField, dynamic_features
-from lightning_gfm.flow.ode import integrate
-from lightning_gfm.flow.window import Context, Window, anchor_context
+from lightning_gfm.flow.ode import LinearStep, integrate, rk4_linear_steps
+from lightning_gfm.flow.window import Context, Window, _as_slice, _trend, anchor_context
 
 #: On a CPU, chunks are cut to at most this many scalars: the network's hidden activations (``hidden`` floats per
 #: scalar) then stay in the core's cache, which makes a fitted field's forecast about 1.7x faster than 1M-scalar chunks.
 CPU_CHUNK = 1 << 16
+#: On a CPU, chunks of a forecast computed in closed form (:func:`_held_path`: no network) are at most this many
+#: scalars: ATen's grain size, below which an elementwise op runs on the calling thread only; with several
+#: intra-op threads the chunks are spread over as many Python threads instead (see :func:`forecast`).
+HELD_CHUNK = 1 << 15
 
 
 class _ChunkSystem:
@@ -82,6 +88,107 @@ class _ChunkSystem:
         return torch.cat([dw, *(dstate[n] for n in self.names)])
 
 
+def _held_context(
+    field: GradientField, win: Window, dyn: Dynamics, anchor: int, idx: Tensor | slice, device=None
+) -> tuple[HeldGradient | None, Tensor, dict[str, Tensor], float]:
+    """What the closed form of a constant field needs at the anchor for scalars ``idx``: no static features.
+
+    The same ``w0``, ``state0``, gradient estimate, gradient scale and noise as
+    :func:`~lightning_gfm.flow.window.anchor_context` (which also builds the network's inputs, the larger part of
+    its cost, unused when the output is constant); ``tests/test_forecast_speed_exactness.py`` holds the two equal.
+
+    Returns:
+        ``(held, w0, state0, k0)``: :meth:`Dynamics.held_gradient` of the surrogate ``constant_output * g_scale``
+        (``None`` when the dynamics have no closed form), the anchor's weights and state, its step counter.
+    """
+    cfg = field.config
+    i = idx if isinstance(idx, slice) else idx.to(win.w.device)
+    cols = i if isinstance(i, slice) else _as_slice(i)
+    d = dyn.restrict(cols)
+
+    def g(t: Tensor) -> Tensor:
+        return t.to(device)
+
+    w0 = g(win.w[anchor, cols])
+    state0 = {n: g(v[anchor, cols]) for n, v in win.state.items()}
+    lrs = win.lrs.to(win.w.device)[anchor].float()
+    lr0 = g(lrs[0].expand(w0.shape) if lrs.numel() == 1 else lrs[win.group_index[cols]])
+    k0 = float(win.opt_steps[anchor])
+    k = torch.tensor(k0, dtype=w0.dtype, device=w0.device).expand(w0.shape)
+    if cfg.anchor == "trend":
+        w0, slope = _trend(win, torch.as_tensor(anchor, device=win.w.device), i, cfg.trend)
+        w0, slope = g(w0), g(slope)
+        g0 = d.gradient_from_velocity(w0, state0, slope, lr0, k)
+    elif cfg.anchor == "velocity":
+        hist = torch.stack([g(win.u[anchor - cfg.history + r, cols]) for r in range(cfg.history)])
+        g0 = d.gradient_from_velocity(w0, state0, hist.mean(0), lr0, k)
+    else:
+        g0 = d.gradient_estimate(w0, state0, g(win.u[anchor - 1, cols]), lr0, k)
+    g_scale = d.gradient_scale(state0, g(win.u_rms[cols]), lr0, k)
+    surrogate = field.constant_output(g0 / g_scale) * g_scale
+    held = d.held_gradient(state0, surrogate, d.gradient_noise(w0, state0, g0, k))
+    return held, w0, state0, k0
+
+
+def _held_steps(held: HeldGradient, names: list[str], lr_tab: Tensor, times: Tensor, max_step: float, cache: dict):
+    """The ``rk4`` steps of a :class:`HeldGradient` system (:func:`rk4_linear_steps`), shared by all chunks."""
+    rates = tuple(held.rates[n] for n in names)
+    key = (rates, held.decay)
+    if key not in cache:
+        lrs = lr_tab[:, 0].tolist()
+
+        def lr(t: float) -> float:
+            return lrs[min(math.floor(t), len(lrs) - 1)]
+
+        cache[key] = rk4_linear_steps(times, max_step, rates, lambda t: -lr(t) * held.decay, lambda t: -lr(t))
+    return cache[key]
+
+
+def _held_path(
+    held: HeldGradient,
+    names: list[str],
+    w0: Tensor,
+    state0: dict[str, Tensor],
+    k0: float,
+    steps: list[LinearStep],
+    weights: Tensor,
+    state: dict[str, Tensor],
+    cols: slice,
+) -> None:
+    """``rk4`` on a :class:`HeldGradient` system in closed form, written into ``weights[:, cols]`` and ``state``.
+
+    The same steps as :func:`integrate` with ``"rk4"`` (same grid, stage times and tableau), so the same result up
+    to float32 rounding; but the optimizer states are never integrated (each stage's value is
+    ``target + c dev`` with a scalar ``c``) and the weights are one accumulator: a few passes over memory per
+    stage instead of the full vector field, its state concatenation and the solver's combinations. The weights'
+    displacement is accumulated stage by stage and added to ``w0`` at each saved time (``rk4`` adds each step to
+    ``w``): float32 rounding relative to the move rather than to the weights.
+    """
+    # the displacement from w0, not w: its rounding is relative to the move, not to the weights
+    acc = torch.zeros_like(w0)
+    weights[0, cols] = w0
+    for n in names:
+        state[n][0, cols] = state0[n]
+    h = 1
+    for st in steps:
+        if st.keep != 1.0:  # w -> keep * w: the displacement d -> keep * d + (keep - 1) * w0
+            acc.mul_(st.keep).add_(w0, alpha=st.keep - 1.0)
+        for j in range(4):
+            coef = {n: st.coefs[j][r] for r, n in enumerate(names)}
+            held.add_update(acc, coef, k0 + st.times[j], st.gains[j])
+        if st.save:
+            if weights.device == acc.device:
+                torch.add(w0, acc, out=weights[h, cols])
+            else:
+                weights[h, cols] = w0 + acc
+            for n, c in zip(names, st.end, strict=True):
+                if state[n].device == acc.device:
+                    torch.add(held.targets[n], held.devs[n], alpha=c, out=state[n][h, cols])
+                else:
+                    state[n][h, cols] = torch.add(held.targets[n], held.devs[n], alpha=c)
+            h += 1
+
+
 @dataclass
 class ForecastPath:
     """Weights (and optimizer state) forecast at several horizons from the latest snapshot.
@@ -119,6 +226,7 @@ def forecast(
     device=None,
     out_device=None,
     index: Tensor | None = None,
+    closed_form: bool = True,
 ) -> ForecastPath:
     """Integrate the field from the window's last snapshot to each horizon.
 
@@ -138,6 +246,10 @@ def forecast(
         device: where to integrate (the model's device).
         out_device: where the path is stored (defaults to ``device``).
         index: forecast only these scalars (shape ``(B,)``); the path then has ``B`` columns.
+        closed_form: where the field's output is constant (the untrained prior) and the optimizer's states then
+            relax linearly (:meth:`Dynamics.held_gradient`), compute ``rk4``'s steps in closed form
+            (:func:`_held_path`: the same forecast up to float32 rounding, several times faster); ``False``
+            always integrates the full system with torchdyn.
 
     Returns:
         The :class:`ForecastPath`, horizon 0 included.
@@ -147,17 +259,52 @@ def forecast(
     anchor = win.K - 1
     history = field.config.history
     n_h = len(horizons) + 1
-    index = torch.arange(win.P) if index is None else index.cpu()
-    n_out = index.numel()
+    whole, index = index is None, None if index is None else index.cpu()
+    n_out = win.P if whole else index.numel()
     weights = torch.empty(n_h, n_out, device=out_device)
     state = {n: torch.empty(n_h, n_out, device=out_device) for n in win.state}
     lr_tab = lr_steps.to(device=device, dtype=torch.float32)
     names = list(win.state)
     times = torch.tensor(horizons, dtype=torch.float64)
-    if torch.device(device or "cpu").type == "cpu":
-        chunk_size = min(chunk_size, CPU_CHUNK)
-    for lo in range(0, n_out, chunk_size):
-        idx = index[lo : lo + chunk_size]
+    shared_lr = bool((lr_tab == lr_tab[:, :1]).all())
+    held_ok = closed_form and solver == "rk4" and shared_lr and field.constant_output(torch.zeros(1)) is not None
+    if held_ok and anchor < field.config.min_anchor:
+        held_ok = False  # anchor_context raises the error
+    cpu = torch.device(device or "cpu").type == "cpu"
+    if cpu:
+        chunk_size = min(chunk_size, HELD_CHUNK if held_ok else CPU_CHUNK)
+    plans: dict = {}
+
+    def held_chunk(lo: int) -> bool:
+        """Forecast the chunk at ``lo`` in closed form; ``False`` (nothing written) when there is none."""
+        hi = min(lo + chunk_size, n_out)
+        with torch.no_grad():  # grad mode is per thread: the pool's threads do not inherit the caller's
+            cols = slice(lo, hi) if whole else index[lo:hi]
+            held, w0, state0, k0 = _held_context(field, win, dyn, anchor, cols, device)
+            if held is None or set(held.rates) != set(names):
+                return False
+            steps = _held_steps(held, names, lr_tab, times, dyn.max_step, plans)
+            _held_path(held, names, w0, state0, k0, steps, weights, state, slice(lo, hi))
+        return True
+
+    first = 0
+    if held_ok and n_out and held_chunk(0):  # the first chunk decides for all (the groups share hyperparameters)
+        rest = range(chunk_size, n_out, chunk_size)
+        workers = min(torch.get_num_threads() if cpu else 1, len(rest))
+        if workers > 1:
+            # chunks of at most ATen's grain size run each op on one thread: spread the chunks over the threads
+            # instead, which does not stall on every op's barrier when another process holds a core
+            with ThreadPoolExecutor(workers) as pool:
+                done = list(pool.map(held_chunk, rest))
+        else:
+            done = [held_chunk(lo) for lo in rest]
+        if not all(done):
+            raise RuntimeError("The closed-form forecast applied to some chunks only.")
+        first = n_out
+    for lo in range(first, n_out, chunk_size):
+        hi = min(lo + chunk_size, n_out)
+        c = hi - lo
+        idx = torch.arange(lo, hi) if whole else index[lo:hi]
         ctx = anchor_context(
             win, dyn, anchor, idx, history, device=device, anchor_mode=field.config.anchor, trend=field.config.trend
         )
@@ -165,7 +312,6 @@ def forecast(
         system = _ChunkSystem(field, ctx, names, lr_tab, group)
         x0 = torch.cat([ctx.w0, *(ctx.state0[n] for n in names)])
         traj = integrate(system, x0, times, ctx.dynamics.max_step, solver)
-        c = idx.numel()
         traj = traj.view(n_h, 1 + len(names), c).to(out_device)
         weights[:, lo : lo + c] = traj[:, 0]
         for k, n in enumerate(names, start=1):

@@ -10,7 +10,8 @@ import contextlib
 import functools
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -115,3 +116,98 @@ def _solve(odeint, f, x0: Tensor, grid: Tensor, save: Tensor, solver) -> Tensor:
     if traj.shape[0] != len(save):  # torchdyn matches save_at with isclose; a miss must not go unnoticed
         raise RuntimeError(f"torchdyn returned {traj.shape[0]} states for {len(save)} requested times.")
     return traj
+
+
+@dataclass(frozen=True)
+class LinearStep:
+    """One ``rk4`` step of a system whose states relax linearly and whose weights follow them (see below).
+
+    The system: states ``s_r' = -rate_r (s_r - target_r)`` and weights ``w' = a(t) w + b(t) F(t)``, with ``F`` a
+    per-scalar function of the states at ``t``. On it ``rk4`` (the tableau and stage times of
+    ``FusedRungeKutta4``) keeps every state at ``target_r + c dev_r`` (``dev_r`` its deviation at ``t = 0``) with a
+    scalar ``c``, and its step is linear in ``w`` and in ``F`` at the four stages.
+
+    Attributes:
+        times: time of each of the four stages.
+        coefs: ``coefs[j][r]``: the coefficient ``c`` of state ``r`` at stage ``j``.
+        keep: ``w`` after the step is ``keep * w + sum_j gains[j] * F_j``.
+        gains: see ``keep``.
+        end: the coefficient ``c`` of each state at the end of the step.
+        save: whether the step ends on a requested time.
+    """
+
+    times: tuple[float, float, float, float]
+    coefs: tuple[tuple[float, ...], ...]
+    keep: float
+    gains: tuple[float, float, float, float]
+    end: tuple[float, ...]
+    save: bool
+
+
+def rk4_linear_steps(
+    horizons: Tensor,
+    max_step: float,
+    rates: Sequence[float],
+    a: Callable[[float], float],
+    b: Callable[[float], float],
+    dtype: torch.dtype = torch.float32,
+) -> list[LinearStep]:
+    """The steps :func:`integrate` takes with ``"rk4"`` on the system of :class:`LinearStep`, as coefficients.
+
+    Integrating the system with these coefficients is the same computation as :func:`integrate` in ``dtype``
+    up to rounding: the same grid, walked as torchdyn walks it in ``dtype``, the same stage times and saved times,
+    the states' stage values in closed form. Scalar Python arithmetic only (float64).
+
+    Args:
+        horizons: increasing positive times, shape ``(H,)``.
+        max_step: longest allowed solver step.
+        rates: relaxation rate of each state.
+        a: ``a(t)`` of the weights' equation (e.g. ``-lr(t) * decay``).
+        b: ``b(t)`` of the weights' equation (e.g. ``-lr(t)``).
+        dtype: the dtype :func:`integrate` would step time in (the state's).
+
+    Returns:
+        The steps in order; exactly ``H`` of them have ``save``.
+    """
+    grid, knots = time_grid(horizons, max_step)
+    t_span, save_at = grid.to(dtype), knots.to(dtype)
+    steps: list[LinearStep] = []
+    c = [1.0] * len(rates)
+    t, dt = t_span[0], t_span[1] - t_span[0]
+    for i in range(1, len(t_span)):
+        half, sixth = dt * 0.5, dt / 6  # as FusedRungeKutta4.step computes them, in dtype
+        hv, dv, sv = float(half), float(dt), float(sixth)
+        times = (float(t), float(t + half), float(t + half), float(t + dt))
+        # each state: deviation coefficient at each stage (rk4 on s' = -rate s)
+        coefs = []
+        for r, rate in enumerate(rates):
+            s1 = c[r]
+            s2 = s1 - hv * rate * s1
+            s3 = s1 - hv * rate * s2
+            s4 = s1 - dv * rate * s3
+            coefs.append((s1, s2, s3, s4, s1 - sv * rate * (s1 + 2 * s2 + 2 * s3 + s4)))
+        # the weights: each stage value and slope as (coefficient of w, coefficients of F_1..F_4)
+        stage_w = (1.0, [0.0] * 4)
+        slopes = []
+        for j, (tj, lead) in enumerate(zip(times, (0.0, hv, hv, dv), strict=True)):
+            if j:
+                prev = slopes[-1]
+                stage_w = (1.0 + lead * prev[0], [lead * q for q in prev[1]])
+            aj, bj = a(tj), b(tj)
+            gain = [aj * q for q in stage_w[1]]
+            gain[j] += bj
+            slopes.append((aj * stage_w[0], gain))
+        weights = (sv, 2 * sv, 2 * sv, sv)
+        keep = 1.0 + sum(wt * sl[0] for wt, sl in zip(weights, slopes, strict=True))
+        gains = tuple(sum(wt * sl[1][j] for wt, sl in zip(weights, slopes, strict=True)) for j in range(4))
+        c = [row[4] for row in coefs]
+        t = t + dt
+        save = bool(torch.isclose(t, save_at).any())
+        steps.append(
+            LinearStep(times, tuple(tuple(row[j] for row in coefs) for j in range(4)), keep, gains, tuple(c), save)
+        )
+        if i < len(t_span) - 1:
+            dt = t_span[i + 1] - t
+    if sum(st.save for st in steps) != len(knots) - 1:
+        raise RuntimeError(f"rk4 steps end on {sum(st.save for st in steps)} of {len(knots) - 1} requested times.")
+    return steps

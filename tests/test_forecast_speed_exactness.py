@@ -1,0 +1,239 @@
+"""The closed-form forecast of a constant field computes what torchdyn's ``rk4`` computes (exactness, no timing)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_gfm.dynamics import dynamics_for, lr_by_step
+from lightning_gfm.flow.field import FieldConfig, GradientField
+from lightning_gfm.flow.ode import integrate, rk4_linear_steps
+from lightning_gfm.flow.window import Window, anchor_context
+from lightning_gfm.forecast import _held_context, _held_path, forecast
+from lightning_gfm.params import ParamSpec
+from lightning_gfm.trajectory import TrajectoryBuffer
+
+OPTIMIZERS = {
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.8, 0.95)),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.3),
+    "adam_maximize": lambda p: torch.optim.Adam(p, lr=1e-2, maximize=True),
+    "sgd_wd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.05),
+    "momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, dampening=0.2),
+    "nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, nesterov=True),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9),
+    "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9, centered=True),
+}
+#: no closed form: these must take torchdyn's path, unchanged
+FALLBACKS = {
+    "adam_coupled_decay": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),
+    "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5),
+}
+
+
+def _lr(lrs: list[float], t: float) -> float:
+    return lrs[min(math.floor(t), len(lrs) - 1)]
+
+
+def test_rk4_linear_steps_reproduce_integrate():
+    # float64: two relaxing states, a nonlinear F of them, weights with their own time-dependent decay
+    rates, targets, devs = (0.3, 0.05), (0.7, 2.0), (-0.4, 1.5)
+    lrs = [1.0, 1.0, 0.5, 0.5, 0.5, 0.25] * 4
+
+    def f_of(s1, s2):
+        return s1 / (1.0 + s2 * s2)
+
+    def a(t):
+        return -0.02 * _lr(lrs, t)
+
+    def b(t):
+        return -_lr(lrs, t)
+
+    def rhs(t, x):
+        w, s1, s2 = x
+        return torch.stack(
+            [a(float(t)) * w + b(float(t)) * f_of(s1, s2), -rates[0] * (s1 - targets[0]), -rates[1] * (s2 - targets[1])]
+        )
+
+    horizons = torch.tensor([2.0, 7.0, 20.0])
+    x0 = torch.tensor([0.5, targets[0] + devs[0], targets[1] + devs[1]], dtype=torch.float64)
+    ref = integrate(rhs, x0, horizons, 2.5, "rk4")
+    steps = rk4_linear_steps(horizons, 2.5, rates, a, b, dtype=torch.float64)
+    w, out = 0.5, [ref[0, 0].item()]
+    for st in steps:
+        f = [f_of(targets[0] + c[0] * devs[0], targets[1] + c[1] * devs[1]) for c in st.coefs]
+        w = st.keep * w + sum(q * fj for q, fj in zip(st.gains, f, strict=True))
+        if st.save:
+            out.append(w)
+            for r in range(2):
+                assert targets[r] + st.end[r] * devs[r] == pytest.approx(ref[len(out) - 1, 1 + r].item(), abs=1e-13)
+    torch.testing.assert_close(torch.tensor(out, dtype=torch.float64), ref[:, 0], rtol=0, atol=1e-13)
+
+
+def _system(name: str, make, n: int = 200, seed: int = 0):
+    """Dynamics of ``make``'s optimizer over ``n`` scalars and a random anchor state, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    p = nn.Parameter(torch.zeros(n))
+    opt = make([p])
+    dyn = dynamics_for(opt, ParamSpec.from_module(nn.ParameterList([p]), opt))
+    w0 = torch.randn(n, generator=gen, dtype=torch.float64)
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    state = {}
+    for s in dyn.state_names:
+        if s in ("exp_avg_sq", "square_avg"):
+            state[s] = torch.rand(n, generator=gen, dtype=torch.float64) * 2
+        else:
+            state[s] = torch.randn(n, generator=gen, dtype=torch.float64)
+    if "grad_avg" in state:
+        state["grad_avg"] = state["grad_avg"] * state["square_avg"].sqrt() * 0.5  # keep the variance positive
+    noise = (
+        torch.rand(n, generator=gen, dtype=torch.float64) if dyn.state_names and "Adam" in type(dyn).__name__ else None
+    )
+    return dyn, w0, state, g, noise
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_held_path_is_rk4_in_float64(name):
+    """The closed form and torchdyn's rk4 on the full system (optimizer state integrated) agree to float64."""
+    dyn, w0, state0, g, noise = _system(name, OPTIMIZERS[name])
+    if "rmsprop" in name and noise is None:
+        noise = torch.rand(w0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    names, k0 = list(dyn.state_names), 37.0
+    lrs = [0.01] * 5 + [0.004] * 40
+    horizons = torch.tensor([3.0, 10.0, 31.0])
+    held = dyn.held_gradient(state0, g, noise)
+    assert held is not None and set(held.rates) == set(names)
+
+    def rhs(t, x):
+        parts = x.view(1 + len(names), -1)
+        lr = torch.tensor(_lr(lrs, float(t)), dtype=torch.float64)
+        with torch.no_grad():
+            dw, ds = dyn.velocity(parts[0], dict(zip(names, parts[1:], strict=True)), g, lr, k0 + t, noise=noise)
+        return torch.cat([dw, *(ds[n] for n in names)])
+
+    x0 = torch.cat([w0, *(state0[n] for n in names)])
+    ref = integrate(rhs, x0, horizons, dyn.max_step, "rk4").view(len(horizons) + 1, 1 + len(names), -1)
+    steps = rk4_linear_steps(
+        horizons,
+        dyn.max_step,
+        [held.rates[n] for n in names],
+        lambda t: -_lr(lrs, t) * held.decay,
+        lambda t: -_lr(lrs, t),
+        dtype=torch.float64,
+    )
+    weights = torch.empty(len(horizons) + 1, w0.numel(), dtype=torch.float64)
+    state = {n: torch.empty_like(weights) for n in names}
+    _held_path(held, names, w0, state0, k0, steps, weights, state, slice(0, w0.numel()))
+    move = (ref[1:, 0] - ref[0, 0]).norm(dim=1)
+    assert float(((weights[1:] - ref[1:, 0]).norm(dim=1) / move).max()) < 1e-12
+    for r, n in enumerate(names, start=1):
+        torch.testing.assert_close(state[n], ref[:, r], rtol=1e-12, atol=1e-14)
+
+
+def _window(make, seed=0, steps=100, every=10, width=32):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, 3))
+    opt = make(model.parameters())
+    spec = ParamSpec.from_module(model, opt)
+    dyn = dynamics_for(opt, spec)
+    x, y = torch.randn(64, 8), torch.randn(64, 3)
+    buf = TrajectoryBuffer(10)
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        batch = slice(step % 4 * 16, step % 4 * 16 + 16)
+        nn.functional.mse_loss(model(x[batch]), y[batch]).backward()
+        opt.step()
+        if step % every == 0:
+            buf.record(opt, spec, dyn.state_names, step)
+    return Window.from_buffer(buf, spec, dyn.state_names), dyn, opt
+
+
+def _compare(win, dyn, field, lr_steps, horizons, rtol_move=2e-5):
+    fast = forecast(field, win, dyn, lr_steps, horizons)
+    ref = forecast(field, win, dyn, lr_steps, horizons, closed_form=False)
+    move = (ref.weights[1:] - ref.weights[0]).norm(dim=1)
+    assert float(((fast.weights - ref.weights)[1:].norm(dim=1) / move).max()) < rtol_move
+    torch.testing.assert_close(fast.weights[0], ref.weights[0], rtol=0, atol=0)
+    for n in ref.state:
+        scale = ref.state[n].abs().max()
+        torch.testing.assert_close(fast.state[n], ref.state[n], rtol=0, atol=float(scale) * 1e-5)
+    return fast, ref
+
+
+@pytest.mark.parametrize("anchor", ["state", "velocity", "trend"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_forecast_closed_form_matches_torchdyn(name, anchor):
+    """End to end in float32: the prior's closed-form forecast equals the torchdyn one up to float32 rounding."""
+    win, dyn, opt = _window(OPTIMIZERS[name])
+    field = GradientField(FieldConfig(anchor=anchor, span=4.0))
+    with torch.no_grad():
+        field.out.bias.fill_(0.2)  # still constant, not the estimate itself
+    lr_steps = lr_by_step(torch.tensor([[float(opt.param_groups[0]["lr"])]], dtype=torch.float64), 40, 1)
+    _compare(win, dyn, field, lr_steps, [5, 17, 40])
+
+
+def test_closed_form_context_equals_anchor_context():
+    """:func:`_held_context` starts from the same surrogate and noise as :func:`anchor_context`, in every mode."""
+    win, dyn, _ = _window(OPTIMIZERS["adamw"])
+    for anchor in ("state", "velocity", "trend"):
+        field = GradientField(FieldConfig(anchor=anchor))
+        idx = torch.arange(5, win.P - 3)
+        ctx = anchor_context(win, dyn, win.K - 1, idx, field.config.history, anchor_mode=anchor, trend=8)
+        held, w0, state0, k0 = _held_context(field, win, dyn, win.K - 1, idx)
+        expect = ctx.dynamics.held_gradient(ctx.state0, field.constant_output(ctx.g0_norm) * ctx.g_scale, ctx.noise)
+        torch.testing.assert_close(w0, ctx.w0, rtol=0, atol=0)
+        assert k0 == float(ctx.k0[0])
+        for n in expect.targets:
+            torch.testing.assert_close(state0[n], ctx.state0[n], rtol=0, atol=0)
+            torch.testing.assert_close(held.targets[n], expect.targets[n], rtol=1e-6, atol=0)
+            torch.testing.assert_close(held.devs[n], expect.devs[n], rtol=1e-6, atol=1e-12)
+
+
+def test_closed_form_with_a_schedule_and_a_subset():
+    win, dyn, opt = _window(OPTIMIZERS["adam"])
+    field = GradientField(FieldConfig())
+    lrs = torch.tensor([[0.01 * 0.9 ** (s // 7)] for s in range(41)], dtype=torch.float64)
+    _compare(win, dyn, field, lrs, [6, 30])
+    index = torch.randperm(win.P, generator=torch.Generator().manual_seed(0))[:100].sort().values
+    fast = forecast(field, win, dyn, lrs, [30], index=index)
+    whole = forecast(field, win, dyn, lrs, [30])
+    torch.testing.assert_close(fast.weights, whole.weights[:, index], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(FALLBACKS))
+def test_no_closed_form_falls_back_to_torchdyn(name):
+    win, dyn, opt = _window(FALLBACKS[name])
+    field = GradientField(FieldConfig())
+    lr_steps = lr_by_step(torch.tensor([[float(opt.param_groups[0]["lr"])]], dtype=torch.float64), 20, 1)
+    fast = forecast(field, win, dyn, lr_steps, [20])
+    ref = forecast(field, win, dyn, lr_steps, [20], closed_form=False)
+    torch.testing.assert_close(fast.weights, ref.weights, rtol=0, atol=0)
+
+
+def test_fitted_field_is_not_closed_form():
+    win, dyn, opt = _window(OPTIMIZERS["adam"])
+    field = GradientField(FieldConfig())
+    with torch.no_grad():
+        field.out.weight.fill_(0.1)
+    lr_steps = lr_by_step(torch.tensor([[0.01]], dtype=torch.float64), 20, 1)
+    a = forecast(field, win, dyn, lr_steps, [20])
+    b = forecast(field, win, dyn, lr_steps, [20], closed_form=False)
+    torch.testing.assert_close(a.weights, b.weights, rtol=0, atol=0)
+
+
+def test_threads_split_chunks_without_changing_the_result():
+    """Several intra-op threads spread the closed-form chunks over worker threads: the same numbers."""
+    win, dyn, opt = _window(OPTIMIZERS["adam"], width=64)
+    field = GradientField(FieldConfig())
+    lr_steps = lr_by_step(torch.tensor([[0.01]], dtype=torch.float64), 30, 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = forecast(field, win, dyn, lr_steps, [10, 30], chunk_size=100)
+        torch.set_num_threads(3)
+        many = forecast(field, win, dyn, lr_steps, [10, 30], chunk_size=100)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(many.weights, one.weights, rtol=0, atol=0)
+    for n in one.state:
+        torch.testing.assert_close(many.state[n], one.state[n], rtol=0, atol=0)
