@@ -295,6 +295,7 @@ def test_callback_loads_and_optionally_fine_tunes_the_pretrained_field(tmp_path)
             record_every=2,
             jump_every=20,
             window=12,
+            trend=4,  # the prior it is backtested against: a line through 4 snapshots, so step 20 can jump
             fit_steps=fit_steps,
             fit_batch=256,
             eval_batches=1,
