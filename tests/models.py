@@ -96,3 +96,26 @@ def tiny_trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+def run_two_ranks(target, args_of_rank, out_dir, deadline: float) -> list:
+    """Start ``target(*args_of_rank(r))`` for ranks 0 and 1 (spawned), wait, and load each rank's ``rank{r}.pt``.
+
+    A rank still running after ``deadline`` seconds is killed and the test fails: a collective was left waiting.
+    """
+    import pathlib
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args_of_rank(r), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(deadline)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"ranks {hung} still running after {deadline} s: a collective is waiting for another rank"
+    return [torch.load(pathlib.Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(2)]

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from models import DigitsModule, tiny_trainer
+from models import DigitsModule, run_two_ranks, tiny_trainer
 
 import lightning_gfm.callback as gfm_callback
 from lightning_gfm import GFMCallback
@@ -265,21 +265,9 @@ _SCENARIOS = {"attempt": _sharded_attempt, "gather": _gather_uneven}
 
 
 def _spawn_pair(tmp_path, scenario):
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), scenario, str(tmp_path)), daemon=True)
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(DEADLINE)
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"ranks {hung} still running after {DEADLINE} s: a collective is waiting for a failed rank"
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_two_ranks(
+        _worker, lambda r: (r, 2, str(tmp_path / "init"), scenario, str(tmp_path)), tmp_path, DEADLINE
+    )
 
 
 @pytest.mark.timeout(120)

@@ -18,8 +18,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from models import DigitsModule, tiny_trainer
+from models import DigitsModule, run_two_ranks, tiny_trainer
 
 import lightning_gfm.callback as gfm_callback
 from lightning_gfm import GFMCallback
@@ -267,19 +266,7 @@ def _two_ranks(tmp_path, scenario):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_mp_worker, args=(r, str(tmp_path), port, scenario), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(DEADLINE)
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"ranks {hung} still running after {DEADLINE} s: a collective is waiting for another rank"
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    return results
+    return run_two_ranks(_mp_worker, lambda r: (r, str(tmp_path), port, scenario), tmp_path, DEADLINE)
 
 
 @pytest.mark.timeout(60)
