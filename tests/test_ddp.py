@@ -265,9 +265,7 @@ _SCENARIOS = {"attempt": _sharded_attempt, "gather": _gather_uneven}
 
 
 def _spawn_pair(tmp_path, scenario):
-    return run_two_ranks(
-        _worker, lambda r: (r, 2, str(tmp_path / "init"), scenario, str(tmp_path)), tmp_path, DEADLINE
-    )
+    return run_two_ranks(_worker, lambda r: (r, 2, str(tmp_path / "init"), scenario, str(tmp_path)), tmp_path, DEADLINE)
 
 
 @pytest.mark.timeout(120)
