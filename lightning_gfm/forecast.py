@@ -14,7 +14,7 @@ from torch import Tensor
 from lightning_gfm.dynamics import Dynamics, HeldGradient
 from lightning_gfm.flow.field import GradientField, dynamic_features
 from lightning_gfm.flow.ode import LinearStep, integrate, rk4_linear_steps
-from lightning_gfm.flow.window import Context, Window, _as_slice, _trend, anchor_context
+from lightning_gfm.flow.window import Context, Window, anchor_context
 
 #: On a CPU, chunks are cut to at most this many scalars: the network's hidden activations (``hidden`` floats per
 #: scalar) then stay in the core's cache, which makes a fitted field's forecast about 1.7x faster than 1M-scalar chunks.
@@ -91,43 +91,22 @@ class _ChunkSystem:
 def _held_context(
     field: GradientField, win: Window, dyn: Dynamics, anchor: int, idx: Tensor | slice, device=None
 ) -> tuple[HeldGradient | None, Tensor, dict[str, Tensor], float]:
-    """What the closed form of a constant field needs at the anchor for scalars ``idx``: no static features.
+    """What the closed form of a constant field needs at the anchor for scalars ``idx``.
 
-    The same ``w0``, ``state0``, gradient estimate, gradient scale and noise as
-    :func:`~lightning_gfm.flow.window.anchor_context` (which also builds the network's inputs, the larger part of
-    its cost, unused when the output is constant); ``tests/test_forecast_speed_exactness.py`` holds the two equal.
+    :func:`~lightning_gfm.flow.window.anchor_context` without the network's static features (the larger part of
+    its cost, unused when the output is constant).
 
     Returns:
         ``(held, w0, state0, k0)``: :meth:`Dynamics.held_gradient` of the surrogate ``constant_output * g_scale``
         (``None`` when the dynamics have no closed form), the anchor's weights and state, its step counter.
     """
     cfg = field.config
-    i = idx if isinstance(idx, slice) else idx.to(win.w.device)
-    cols = i if isinstance(i, slice) else _as_slice(i)
-    d = dyn.restrict(cols)
-
-    def g(t: Tensor) -> Tensor:
-        return t.to(device)
-
-    w0 = g(win.w[anchor, cols])
-    state0 = {n: g(v[anchor, cols]) for n, v in win.state.items()}
-    lrs = win.lrs.to(win.w.device)[anchor].float()
-    lr0 = g(lrs[0].expand(w0.shape) if lrs.numel() == 1 else lrs[win.group_index[cols]])
-    k0 = float(win.opt_steps[anchor])
-    k = torch.tensor(k0, dtype=w0.dtype, device=w0.device).expand(w0.shape)
-    if cfg.anchor == "trend":
-        w0, slope = _trend(win, torch.as_tensor(anchor, device=win.w.device), i, cfg.trend)
-        w0, slope = g(w0), g(slope)
-        g0 = d.gradient_from_velocity(w0, state0, slope, lr0, k)
-    elif cfg.anchor == "velocity":
-        hist = torch.stack([g(win.u[anchor - cfg.history + r, cols]) for r in range(cfg.history)])
-        g0 = d.gradient_from_velocity(w0, state0, hist.mean(0), lr0, k)
-    else:
-        g0 = d.gradient_estimate(w0, state0, g(win.u[anchor - 1, cols]), lr0, k)
-    g_scale = d.gradient_scale(state0, g(win.u_rms[cols]), lr0, k)
-    surrogate = field.constant_output(g0 / g_scale) * g_scale
-    held = d.held_gradient(state0, surrogate, d.gradient_noise(w0, state0, g0, k))
-    return held, w0, state0, k0
+    if isinstance(idx, slice):
+        idx = torch.arange(idx.start, idx.stop)
+    ctx = anchor_context(win, dyn, anchor, idx, cfg.history, device, cfg.anchor, cfg.trend, features=False)
+    surrogate = field.constant_output(ctx.g0_norm) * ctx.g_scale
+    held = ctx.dynamics.held_gradient(ctx.state0, surrogate, ctx.noise)
+    return held, ctx.w0, ctx.state0, float(win.opt_steps[anchor])
 
 
 def _held_steps(held: HeldGradient, names: list[str], lr_tab: Tensor, times: Tensor, max_step: float, cache: dict):

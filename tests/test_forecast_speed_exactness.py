@@ -173,7 +173,7 @@ def test_forecast_closed_form_matches_torchdyn(name, anchor):
 
 
 def test_closed_form_context_equals_anchor_context():
-    """:func:`_held_context` starts from the same surrogate and noise as :func:`anchor_context`, in every mode."""
+    """:func:`_held_context` (the context without features) starts from the same point as the full context."""
     win, dyn, _ = _window(OPTIMIZERS["adamw"])
     for anchor in ("state", "velocity", "trend"):
         field = GradientField(FieldConfig(anchor=anchor))

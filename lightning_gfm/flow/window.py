@@ -220,7 +220,7 @@ class Context:
         lr0: learning rate at the anchor.
         k0: optimizer step counter at the anchor.
         u_scale: velocity scale of each scalar (its RMS velocity, floored by a tenth of its tensor's).
-        static: static features, shape ``(B, n_static)``.
+        static: static features, shape ``(B, n_static)`` (``None`` when built without them).
         dynamics: the dynamics restricted to these scalars.
         interval: steps between snapshots.
         noise: minibatch-gradient variance around ``g0`` implied by the optimizer's second moment (``None`` for
@@ -234,7 +234,7 @@ class Context:
     lr0: Tensor
     k0: Tensor
     u_scale: Tensor
-    static: Tensor
+    static: Tensor | None
     dynamics: Dynamics
     interval: float
     noise: Tensor | None = None
@@ -249,6 +249,7 @@ def anchor_context(
     device=None,
     anchor_mode="state",
     trend: int = 8,
+    features: bool = True,
 ) -> Context:
     """Gather the anchor's context for scalars ``idx``.
 
@@ -261,16 +262,19 @@ def anchor_context(
         device: where the context lives (the model's device).
         anchor_mode: ``"state"``, ``"velocity"`` or ``"trend"`` (see :class:`~lightning_gfm.flow.field.FieldConfig`).
         trend: snapshots in the least-squares line of ``anchor_mode="trend"``.
+        features: build the network's static features; ``False`` leaves ``static`` as ``None`` (enough for a
+            field whose output is constant, :meth:`~lightning_gfm.flow.field.GradientField.constant_output`,
+            and the larger part of the cost otherwise).
     """
     a = torch.as_tensor(anchor, device=win.w.device)
     first = FieldConfig(history=history, anchor=anchor_mode, trend=trend).min_anchor
     if int(a.min()) < first:
         raise ValueError(f"An anchor needs {first} earlier snapshots; got anchor {int(a.min())}.")
     i = idx.to(win.w.device)
-    d = dyn.restrict(i)
     # a forecast's chunks are contiguous ranges with one anchor: read them as views, not gathers
     cols = _as_slice(i) if a.ndim == 0 else i
     row = int(a) if isinstance(cols, slice) else a
+    d = dyn.restrict(cols)
 
     def g(t: Tensor) -> Tensor:
         return t.to(device)
@@ -281,7 +285,9 @@ def anchor_context(
     lr0 = g(win.lrs.to(win.w.device)[a, group].float())
     k0 = g(win.opt_steps.to(win.w.device)[a].float().expand_as(w0))
     u_rms = g(win.u_rms[cols])
-    hist = torch.stack([g(win.u[row - history + r, cols]) for r in range(history)])
+    hist = None
+    if features or anchor_mode != "trend":
+        hist = torch.stack([g(win.u[row - history + r, cols]) for r in range(history)])
     if anchor_mode == "trend":
         w0, slope = _trend(win, a, i, trend)
         w0, slope = g(w0), g(slope)
@@ -292,16 +298,18 @@ def anchor_context(
         g0 = d.gradient_estimate(w0, state0, hist[-1], lr0, k0)
     g_scale = d.gradient_scale(state0, u_rms, lr0, k0)
     g0_norm = g0 / g_scale
-    static = static_features(
-        hist=hist,
-        u_rms=u_rms,
-        u_rms_tensor=g(win.u_rms_tensor[cols]),
-        w=w0,
-        w_rms_tensor=g(win.w_rms_tensor[a, win.tensor_index[cols]]),
-        g0_norm=g0_norm,
-        progress=g(win.progress.to(win.w.device)[a].float()),
-        roles=g(win.roles[cols]),
-    )
+    static = None
+    if features:
+        static = static_features(
+            hist=hist,
+            u_rms=u_rms,
+            u_rms_tensor=g(win.u_rms_tensor[cols]),
+            w=w0,
+            w_rms_tensor=g(win.w_rms_tensor[a, win.tensor_index[cols]]),
+            g0_norm=g0_norm,
+            progress=g(win.progress.to(win.w.device)[a].float()),
+            roles=g(win.roles[cols]),
+        )
     u_scale = u_rms + 0.1 * g(win.u_rms_tensor[cols])
     return Context(
         w0=w0,
