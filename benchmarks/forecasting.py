@@ -105,6 +105,8 @@ class Config:
     gfm_window: int = 24
     gfm_span: float = 12.0
     gfm_history: int = 3
+    gfm_anchor: str = "trend"  # GFMCallback's default anchor and trend length
+    gfm_trend: int = 8
     backtest: int = 3
     seed: int = 0
 
@@ -392,7 +394,7 @@ def forecast_gfm(run: Run, n: int, cfg: Config) -> tuple[dict[str, Tensor], dict
     win = Window.from_buffer(buf, run.spec, run.dyn.state_names, total_steps=total)
     horizon = total - int(run.steps[n - 1])
     lr_steps = lr_by_step(future_learning_rates(run.opt, None, 0), horizon, 1)  # constant lr in this corpus
-    config = FieldConfig(history=cfg.gfm_history, span=cfg.gfm_span)
+    config = FieldConfig(history=cfg.gfm_history, span=cfg.gfm_span, anchor=cfg.gfm_anchor, trend=cfg.gfm_trend)
     torch.manual_seed(cfg.seed)
     fitted, prior = GradientField(config), GradientField(config)
     report = fit_field(
@@ -528,7 +530,8 @@ def run_benchmark(cfg: Config = Config(), out: str | Path | None = None, command
         "command": command,
         "config": _jsonable(asdict(cfg)),
         "gfm_setup": {
-            "field": f"fresh GradientField(FieldConfig(history={cfg.gfm_history}, span={cfg.gfm_span})) per "
+            "field": f"fresh GradientField(FieldConfig(history={cfg.gfm_history}, span={cfg.gfm_span}, "
+            f"anchor={cfg.gfm_anchor!r}, trend={cfg.gfm_trend})) per "
             f"(trajectory, p), fit_field {cfg.gfm_steps} steps x {cfg.gfm_batch} scalars, Adam {cfg.gfm_lr}",
             "window": f"the latest min({cfg.gfm_window}, observed) snapshots",
             "choice": f"backtest_error(lag={cfg.backtest}) fitted <= prior, else prior (the callback's rule)",
