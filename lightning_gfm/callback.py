@@ -294,6 +294,7 @@ class GFMCallback(pl.Callback):
         self._field_opt: torch.optim.Optimizer | None = None
         self._pending: dict | None = None
         self._spec: ParamSpec | None = None
+        self._window_per_rank = False  # sharded over several ranks: each records its own shard (see state_dict)
         self._dyn = None
         self._last_step = -1
         self._epoch_start_step = 0
@@ -711,7 +712,7 @@ class GFMCallback(pl.Callback):
         Under a sharded strategy with several ranks the window is left out: each rank records its own shard,
         and Lightning saves the callback state of rank 0 only (it is re-recorded after a resume).
         """
-        per_rank = getattr(self, "_window_per_rank", False)
+        per_rank = self._window_per_rank
         return {
             "version": 1,
             "buffer": {"capacity": self.buffer.capacity, "snapshots": []} if per_rank else self.buffer.state_dict(),
