@@ -58,26 +58,27 @@ def reset_peak() -> bool:
         return False
 
 
-def peak_rss() -> int:
-    """Peak resident bytes of this process (since the last :func:`reset_peak` where supported)."""
+def _status_bytes(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``"VmHWM"``, ``"VmRSS"``) in bytes; ``None`` where unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process (since the last :func:`reset_peak` where supported)."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss() -> int:
     """Current resident bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss()
+    now = _status_bytes("VmRSS")
+    return now if now is not None else peak_rss()
 
 
 def median_time(fn, repeats: int):

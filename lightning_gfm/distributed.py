@@ -5,7 +5,7 @@ each rank fits and integrates only a contiguous slice of the flat scalar index:
 
 * fitting samples its batch from the rank's slice and :func:`average_gradients` averages the field's gradients
   every step, so every rank keeps an identical field (its fit equals one fit on the union of the batches);
-* a backtest sums its squared error and squared move over the ranks' slices (:meth:`Shard.reduce`);
+* a backtest sums its squared error and squared move over the ranks' slices (:meth:`Shard.sum`);
 * the forecast integrates the rank's slice and :func:`gather_path` assembles the full path with ``all_gather``.
 
 Under a sharded strategy (FSDP2 ``fully_shard``, ``ModelParallelStrategy``) each rank already owns distinct
@@ -207,11 +207,6 @@ class Shard:
         return self._grad_sync if self.active else None
 
     @property
-    def reduce(self) -> Callable[[Tensor], Tensor] | None:
-        """``backtest_error``'s ``reduce`` hook (``None`` on a single process)."""
-        return self._reduce if self.active else None
-
-    @property
     def backtest_kwargs(self) -> dict[str, Any]:
         """``backtest_error``'s keyword arguments for this rank's share (none on a single process)."""
         return {"index_range": self.index_range, "reduce": self._reduce} if self.active else {}
@@ -232,9 +227,7 @@ class Shard:
         return float(total[-1]) / self.world_size
 
     def _reduce(self, values: Tensor) -> Tensor:
-        total, n_failed = exchange(values, group=self.group)
-        self._check(n_failed, "backtest")
-        return total
+        return self.sum(values, "backtest")
 
     def sum(self, values: Tensor, name: str) -> Tensor:
         """Sum ``values`` (shape ``(n,)``) over the ranks as float64; raise :class:`ShardFailure` if a rank failed.

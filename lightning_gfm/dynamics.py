@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from lightning_gfm.params import ParamSpec, local
+from lightning_gfm.params import ParamSpec, local, step_count
 from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
 
 SUPPORTED = ("SGD", "Adam", "AdamW", "RMSprop")
@@ -597,15 +597,6 @@ def write_state(optimizer: torch.optim.Optimizer, spec: ParamSpec, state: dict[s
             t = optimizer.state.get(p, {}).get(name)
             if t is not None:
                 local(t).copy_(view)
-
-
-def step_count(optimizer: torch.optim.Optimizer, spec: ParamSpec) -> int:
-    """The optimizer's own step counter (Adam's ``step``), or 0 where it keeps none."""
-    for p in spec.params:
-        step = optimizer.state.get(p, {}).get("step")
-        if step is not None:
-            return int(local(step).item() if isinstance(step, Tensor) else step)
-    return 0
 
 
 def take_snapshot(

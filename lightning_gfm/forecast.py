@@ -327,7 +327,7 @@ def backtest_error(
         seed: seeds the subset.
         index_range: forecast only the (subset's) scalars in ``[lo, hi)``: this rank's share under DDP.
         reduce: sums ``[squared error, squared move]`` (float64, shape ``(2,)``) over the ranks' shares
-            (:meth:`lightning_gfm.distributed.Shard.reduce`), so every rank gets the error of the whole subset.
+            (:meth:`lightning_gfm.distributed.Shard.sum`), so every rank gets the error of the whole subset.
     """
     past = win.head(win.K - lag)
     if field.config.min_anchor > past.K - 1:

@@ -224,3 +224,12 @@ def per_tensor_rms(flat: Tensor, index: Tensor, n: int, eps: float = 1e-12) -> T
     sq = torch.zeros(n, dtype=flat.dtype, device=flat.device).index_add_(0, index, flat * flat)
     cnt = torch.zeros(n, dtype=flat.dtype, device=flat.device).index_add_(0, index, torch.ones_like(flat))
     return (sq / cnt.clamp_min(1) + eps).sqrt()[index]
+
+
+def step_count(optimizer: torch.optim.Optimizer, spec: ParamSpec) -> int:
+    """The optimizer's own step counter (Adam's ``step``), or 0 where it keeps none."""
+    for p in spec.params:
+        step = optimizer.state.get(p, {}).get("step")
+        if step is not None:
+            return int(local(step).item() if isinstance(step, Tensor) else step)
+    return 0

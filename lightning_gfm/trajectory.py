@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_gfm.params import ParamSpec, local
+from lightning_gfm.params import ParamSpec, local, step_count
 
 
 @dataclass
@@ -163,12 +163,6 @@ class TrajectoryBuffer:
         w = self._w[k]
         for (_, a, b), x in zip(bounds, spec.tensors, strict=True):
             w[a:b].copy_(x.detach().reshape(-1))
-        opt_step = 0
-        for p, _, _ in bounds:
-            s = optimizer.state.get(p, {}).get("step")
-            if s is not None:
-                opt_step = int(local(s).item() if isinstance(s, Tensor) else s)
-                break
         for name, slots in self._state.items():
             row = slots[k]
             for p, a, b in bounds:
@@ -178,7 +172,7 @@ class TrajectoryBuffer:
                 else:
                     row[a:b].copy_(local(t).detach().reshape(-1))
         lrs = torch.tensor([float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float64)
-        self._set_meta(k, step, lrs, opt_step)
+        self._set_meta(k, step, lrs, step_count(optimizer, spec))
 
     def _pieces(self, t: Tensor) -> list[Tensor]:
         """The stored rows of ring tensor ``t``, oldest first, as one or two views (``(n, P)`` each)."""

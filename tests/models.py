@@ -119,3 +119,29 @@ def run_two_ranks(target, args_of_rank, out_dir, deadline: float) -> list:
             p.kill()
     assert not hung, f"ranks {hung} still running after {deadline} s: a collective is waiting for another rank"
     return [torch.load(pathlib.Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def save_rank_outcome(rank: int, out_dir, run) -> None:
+    """Run ``run()`` (a dict of results) on one spawned rank and save its outcome to ``out_dir/rank{rank}.pt``.
+
+    A :class:`~lightning_gfm.distributed.ShardFailure` is kept as ``shard_failure``, any other error as ``error``
+    (its traceback); the process group, if any, is destroyed afterwards.
+    """
+    import pathlib
+    import traceback
+
+    import torch.distributed as dist
+
+    from lightning_gfm.distributed import ShardFailure
+
+    result = {"rank": rank}
+    try:
+        result.update(run())
+    except ShardFailure as exc:
+        result["shard_failure"] = str(exc)
+    except Exception:
+        result["error"] = traceback.format_exc()
+    finally:
+        torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -9,18 +9,17 @@
 
 import datetime
 import pathlib
-import traceback
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from models import DigitsModule, run_two_ranks, tiny_trainer
+from models import DigitsModule, run_two_ranks, save_rank_outcome, tiny_trainer
 
 import lightning_gfm.callback as gfm_callback
 from lightning_gfm import GFMCallback
-from lightning_gfm.distributed import Shard, ShardFailure, agree, fit_message_size, gather_path, rank_slice
+from lightning_gfm.distributed import Shard, agree, fit_message_size, gather_path, rank_slice
 from lightning_gfm.dynamics import dynamics_for, future_learning_rates, lr_by_step, take_snapshot
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import fit_field
@@ -191,21 +190,15 @@ def test_single_process_shard_changes_nothing():
 def _worker(rank, world, init_file, scenario, out_dir):
     """One rank of a spawned gloo pair: runs ``scenario`` and writes its outcome (or its error) to a file."""
     torch.set_num_threads(1)
-    result = {"rank": rank}
-    try:
+
+    def run():
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
             timeout=datetime.timedelta(seconds=30),
         )  # fmt: skip
-        result.update(_SCENARIOS[scenario.split(":")[0]](rank, world, scenario))
-    except ShardFailure as exc:
-        result["shard_failure"] = str(exc)
-    except Exception:
-        result["error"] = traceback.format_exc()
-    finally:
-        torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        return _SCENARIOS[scenario.split(":")[0]](rank, world, scenario)
+
+    save_rank_outcome(rank, out_dir, run)
 
 
 def _sharded_attempt(rank, world, scenario):

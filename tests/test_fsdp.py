@@ -11,18 +11,17 @@ import datetime
 import os
 import pathlib
 import socket
-import traceback
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-from models import DigitsModule, run_two_ranks, tiny_trainer
+from models import DigitsModule, run_two_ranks, save_rank_outcome, tiny_trainer
 
 import lightning_gfm.callback as gfm_callback
 from lightning_gfm import GFMCallback
-from lightning_gfm.distributed import Shard, ShardFailure
+from lightning_gfm.distributed import Shard
 from lightning_gfm.dynamics import dynamics_for, future_learning_rates, lr_by_step
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.window import Window
@@ -249,17 +248,7 @@ def _mp_worker(rank, out_dir, port, scenario):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0")
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank))
-    result = {"rank": rank}
-    try:
-        result.update(_MP_SCENARIOS[scenario](rank, out_dir))
-    except ShardFailure as exc:
-        result["shard_failure"] = str(exc)
-    except Exception:
-        result["error"] = traceback.format_exc()
-    finally:
-        torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    save_rank_outcome(rank, out_dir, lambda: _MP_SCENARIOS[scenario](rank, out_dir))
 
 
 def _two_ranks(tmp_path, scenario):
