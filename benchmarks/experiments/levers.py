@@ -2,7 +2,8 @@
 
 Same protocol as ``benchmarks.run`` (target = the baseline's test loss averaged over its last 3 evaluations, each
 task's shared jump schedule, one torch thread). A variant is ``name=JSON`` of ``GFMCallback`` keyword arguments
-that override the benchmark's ``gfm`` method, or one of the benchmark's own methods (``gfm``, ``linear``,
+that override the benchmark's ``gfm`` method, ``name@method=JSON`` to override another jumping method's keyword
+arguments (``lin8@linear={"n_fit": 8}``), or one of the benchmark's own methods (``gfm``, ``linear``,
 ``oracle``, ...). Baselines are cached per (task, seed) in ``--cache`` so that later experiments reuse them.
 
     python -m benchmarks.experiments.levers --tasks mnist1d-mlp digits-cnn --seeds 0 1 2 \\
@@ -30,11 +31,20 @@ CACHE = Path("benchmarks/results/experiments/baselines.json")
 LOG = Path("benchmarks/results/experiments/levers.jsonl")
 
 
+_CLASSES = {"gfm": methods.TimedGFM, "gfm-pretrained": methods.TimedGFM, "linear": methods.LinearJumps}
+
+
 def _variant(spec: str) -> tuple[str, str, dict]:
-    """``name=JSON`` -> (name, "gfm", kwargs); a bare method name -> (name, name, {})."""
+    """``name=JSON`` -> (name, "gfm", kwargs); ``name@method=JSON`` -> (name, method, kwargs); a bare method name
+    -> (name, name, {})."""
     if "=" in spec:
         name, raw = spec.split("=", 1)
-        return name, "gfm", json.loads(raw)
+        name, _, method = name.partition("@")
+        method = method or "gfm"
+        if method not in _CLASSES:
+            choices = sorted(_CLASSES)
+            raise ValueError(f"`--variants`: keyword arguments apply to {choices}, got {method!r} in {spec!r}.")
+        return name, method, json.loads(raw)
     return spec, spec, {}
 
 
@@ -64,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     variants = [_variant(v) for v in args.variants]
     saved: dict[str, list[float]] = {name: [] for name, _, _ in variants}
-    original = methods.TimedGFM.__init__
+    originals = {cls: cls.__init__ for cls in set(_CLASSES.values())}
     args.log.parent.mkdir(parents=True, exist_ok=True)
     try:
         for seed in args.seeds:
@@ -76,7 +86,11 @@ def main(argv: list[str] | None = None) -> None:
                 for name, method, kwargs in variants:
                     if method == "oracle" and ref is None:
                         ref = torch.load(args.cache.with_name(f"ref_{task}_{seed}.pt"), weights_only=True)
-                    methods.TimedGFM.__init__ = lambda self, kw=kwargs, **rest: original(self, **{**rest, **kw})
+                    for cls, init in originals.items():
+                        cls.__init__ = init
+                    if kwargs:
+                        cls, init = _CLASSES[method], originals[_CLASSES[method]]
+                        cls.__init__ = lambda self, kw=kwargs, init=init, **rest: init(self, **{**rest, **kw})
                     start = time.perf_counter()
                     run, _ = run_one(task, method, seed, False, reference=ref)
                     step, sec = first_crossing(run["curve"], target)
@@ -98,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                         "horizons": [j["horizon"] for j in jumps],
                         "attempt_seconds": statistics.median([j["seconds"] for j in jumps]) if jumps else 0.0,
                         "wall": time.perf_counter() - start,
+                        "curve": {"step": run["curve"]["step"], "loss": run["curve"]["loss"]},
                     }
                     saved[name].append(row["steps_saved"])
                     with args.log.open("a") as fh:
@@ -110,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                         flush=True,
                     )
     finally:
-        methods.TimedGFM.__init__ = original
+        for cls, init in originals.items():
+            cls.__init__ = init
     for name, values in saved.items():
         print(f"{name:14s} median steps saved {statistics.median(values):+.1%} over {len(values)} runs")
 
