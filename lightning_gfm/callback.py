@@ -8,11 +8,13 @@ Hooks decide *when*; the pure modules decide *what*: :mod:`~lightning_gfm.trajec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -89,9 +91,11 @@ class GFMCallback(pl.Callback):
     Every ``jump_every`` steps it starts from the denoised trend of the recent snapshots, integrates the
     optimizer-aware vector field (the optimizer's own update rule driven by a gradient surrogate, under the
     known learning-rate schedule; fitted online by flow matching when ``fit_steps > 0``, or loaded with
-    ``field``) with torchdyn up to ``horizon`` steps ahead, evaluates ``n_candidates`` points of that path on
-    validation batches, moves the weights (in place) to the best one if it beats both staying put and the
-    denoised start by ``min_delta``, and otherwise restores the weights bit-exactly.
+    ``field``) with torchdyn up to ``horizon`` steps ahead, and does the same with the prior along each shorter
+    trend line of ``branch_trends``. Every path is moved to start at the current weights (only the forecast's
+    move counts, not the denoising); ``n_candidates`` points of each are evaluated on validation batches, the
+    weights move (in place) to the best one if it beats staying put by ``min_delta``, and are otherwise restored
+    bit-exactly.
 
     Args:
         record_every: optimizer steps between snapshots; ``None`` (default) derives it from ``jump_every``
@@ -101,20 +105,21 @@ class GFMCallback(pl.Callback):
         jump_every: optimizer steps between jump attempts (attempts wait until the window is long enough);
             ``None`` (default) makes it a sixth of the planned training (:func:`auto_schedule`), so that the
             same callback fits runs of a few hundred and of a million steps.
-        horizon: farthest forecast, in optimizer steps; ``None`` means as far as the field was fitted
-            (``span`` record intervals, fewer while the window is shorter than ``span + history + 1``);
+        horizon: farthest forecast, in optimizer steps; ``None`` means ``span`` record intervals for the prior
+            (which fits nothing), and as far as a fitted or loaded field was fitted (its span, fewer while the
+            window is shorter than ``span + history + 1``);
             ``"end"`` means the end of the planned training (the forecasted convergence point; beyond the fitted
             span the field holds its last learned time dependence).
             Never beyond the end of the planned training.
-        n_candidates: points of the forecast path evaluated up to the horizon (plus the path's start when it is
-            a denoised point, ``anchor="trend"``).
+        n_candidates: points of each forecast path evaluated up to the horizon.
         spacing: ``"geometric"``, candidates at the horizon, half of it, a quarter, ...; ``"even"``, evenly
             spaced up to it.
         monitor: metric logged by ``validation_step`` that decides; default ``"val_loss"``. Without a
             validation loop, ``training_step`` is run on a held-back slice of training batches and its logged
             ``monitor`` or, failing that, its returned loss decides.
         mode: ``"min"`` or ``"max"``.
-        min_delta: relative improvement over staying put a jump must show (``0.01`` = 1 %).
+        min_delta: relative improvement over staying put a jump must show (``0.01`` = 1 %). (A forecaster whose
+            path starts elsewhere than the current weights, see :meth:`forecast_path`, must also beat its start.)
         eval_batches: validation batches used for each evaluation (fixed for the whole fit, cached on device).
         optimizer_state: after an accepted jump, take the ``"forecast"`` optimizer state the ODE carried (the
             default: best test loss with Adam in ``benchmarks/state_policy.py``, no difference with SGD momentum),
@@ -134,7 +139,8 @@ class GFMCallback(pl.Callback):
             loaded field is used only where it beats what the callback would do without it.
         history: past velocities the field sees.
         hidden: hidden width of the field's network.
-        span: record intervals ahead the field is fitted for.
+        span: record intervals ahead the field is fitted for; the prior's reach (16: measured in
+            docs/experiments.md, E30-E33).
         anchor: where the forecast starts and its starting gradient comes from: ``"state"``, the latest
             snapshot and the optimizer's moments there; ``"velocity"``, the latest snapshot and the mean of the
             last ``history`` velocities pushed back through the optimizer's preconditioning (less noisy; the
@@ -142,6 +148,11 @@ class GFMCallback(pl.Callback):
             learning-rate schedule); ``"trend"``, denoised: the least-squares line through the last ``trend``
             snapshots gives the starting weights (its value now) and the velocity (its slope).
         trend: snapshots in the least-squares line of ``anchor="trend"`` (at least 2).
+        branch_trends: shorter trend lines (each in ``[2, trend - 1]``) along which the prior forecasts too; their
+            points compete with the main path's on validation, so each attempt picks its own bias-variance trade
+            (a long line denoises, a short one follows a bending path). ``None`` (default): ``(3,)`` with
+            ``anchor="trend"`` and ``trend > 3``, else none; ``()`` turns branches off (docs/experiments.md,
+            E35-E37).
         solver: fixed-step torchdyn solver: ``"euler"``, ``"midpoint"`` or ``"rk4"``.
         buffer_device: where snapshots are stored.
         buffer_dtype: dtype of stored snapshots (a ``torch.dtype`` or its name; ``"bfloat16"`` halves memory).
@@ -171,7 +182,7 @@ class GFMCallback(pl.Callback):
         window: int = 24,
         jump_every: int | None = None,
         horizon: int | Literal["end"] | None = None,
-        n_candidates: int = 4,
+        n_candidates: int = 5,
         spacing: Literal["geometric", "even"] = "geometric",
         monitor: str = "val_loss",
         mode: Literal["min", "max"] = "min",
@@ -185,9 +196,10 @@ class GFMCallback(pl.Callback):
         backtest: int = 3,
         history: int = 3,
         hidden: int = 16,
-        span: int = 12,
+        span: int = 16,
         anchor: Literal["state", "velocity", "trend"] = "trend",
         trend: int = 8,
+        branch_trends: Sequence[int] | None = None,
         solver: Literal["euler", "midpoint", "rk4"] = "rk4",
         buffer_device: str | torch.device = "cpu",
         buffer_dtype: torch.dtype | Literal["float32", "bfloat16", "float16"] = "float32",
@@ -246,6 +258,19 @@ class GFMCallback(pl.Callback):
         if anchor not in ("state", "velocity", "trend"):
             raise ValueError(f"`anchor` must be 'state', 'velocity' or 'trend', got {anchor!r}.")
         _check_int("trend", trend, 2)
+        if branch_trends is None:
+            branch_trends = (3,) if anchor == "trend" and trend > 3 else ()
+        if isinstance(branch_trends, str | bytes) or not isinstance(branch_trends, Sequence):
+            raise ValueError(f"`branch_trends` must be a sequence of ints (or None), got {branch_trends!r}.")
+        branch_trends = tuple(branch_trends)
+        if branch_trends and anchor != "trend":
+            raise ValueError(f"`branch_trends` needs `anchor='trend'`, got anchor={anchor!r} and {branch_trends!r}.")
+        for n in branch_trends:
+            if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n < trend or branch_trends.count(n) > 1:
+                raise ValueError(
+                    f"`branch_trends` must hold distinct ints in [2, trend - 1] = [2, {trend - 1}] (shorter lines "
+                    f"than `trend`), got {branch_trends!r}."
+                )
         config = FieldConfig(history=history, hidden=hidden, span=float(span), anchor=anchor, trend=trend)
         min_window = config.min_anchor + max(backtest, 1) + 2
         if window < min_window:
@@ -278,6 +303,7 @@ class GFMCallback(pl.Callback):
         self.backtest = backtest
         self.field_config = config
         self.prior_config = config  # the prior a fitted or loaded field must beat: this callback's own settings
+        self.branch_trends = branch_trends
         self.solver = solver
         self.buffer_device = torch.device(buffer_device)
         self.buffer_dtype = buffer_dtype
@@ -322,10 +348,12 @@ class GFMCallback(pl.Callback):
     def min_snapshots(self) -> int:
         """Snapshots needed before a jump can be attempted.
 
-        The same for every field, fitted or not: jumping from the prior's first possible anchor on hurt mnist1d
-        (docs/experiments.md, E19).
+        The trend line, the snapshots a fitted or loaded field is backtested on (none for the prior, which is not
+        backtested), and two more. The prior therefore tries its first jump as early as linear extrapolation does
+        (docs/experiments.md, E29: at each task's current budget; E19's harm on mnist1d was its old budget's).
         """
-        return max(self.field_config.min_anchor, self.prior_config.min_anchor) + max(self.backtest, 1) + 2
+        backtested = self.backtest if self.learns else 0
+        return max(self.field_config.min_anchor, self.prior_config.min_anchor) + max(backtested, 1) + 2
 
     # ----------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -455,9 +483,11 @@ class GFMCallback(pl.Callback):
             far = total - step
         elif self.horizon is not None:
             far = self.horizon
-        else:
+        elif self.learns:
             # as far as the field was fitted: its span, and no farther than the window's longest anchor-to-end
             far = self.field_config.fitted_steps(win.K, win.interval)
+        else:  # the prior is fitted on nothing: its span from the first attempt on (docs/experiments.md, E32)
+            far = int(self.field_config.span * win.interval)
         if total is not None:
             far = min(far, total - step)
         if self.spacing == "geometric":  # far, far/2, far/4, ...: short hops are tried too
@@ -511,20 +541,29 @@ class GFMCallback(pl.Callback):
                     )
             if not info["backtest_fitted"] <= info["backtest_prior"]:
                 use = prior
-        with shard.phase("forecast", 0):
-            path = forecast(
-                use,
-                win,
-                dyn,
-                self._lr_steps(trainer, step, horizons[-1]),
-                horizons,
-                solver=self.solver,
-                chunk_size=self.chunk_size,
-                device=device,
-                out_device=device,
-                index=shard.index,
-            )
-        return shard.gather(path), info
+        # the field in use, then the prior along each shorter trend line: validation picks among all their points
+        fields = [use, *(self._prior(device, trend=n) for n in self.branch_trends)]
+        lr_steps = self._lr_steps(trainer, step, horizons[-1])
+        paths = []
+        for f in fields:
+            with shard.phase("forecast", 0):
+                path = forecast(
+                    f,
+                    win,
+                    dyn,
+                    lr_steps,
+                    horizons,
+                    solver=self.solver,
+                    chunk_size=self.chunk_size,
+                    device=device,
+                    out_device=device,
+                    index=shard.index,
+                )
+            # every path starts from the current weights (only the forecast's move counts, docs/experiments.md E34)
+            paths.append(shard.gather(path).started_at(win.w[-1]))
+        if len(paths) == 1:
+            return paths[0], info
+        return ForecastPath.join(paths, [f.config.trend if f.config.anchor == "trend" else 0 for f in fields]), info
 
     def _jump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         start = time.perf_counter()
@@ -565,7 +604,7 @@ class GFMCallback(pl.Callback):
             dstate = None
             if self.optimizer_state is StatePolicy.FORECAST:
                 dstate = {n: v[k] - v[0] for n, v in path.state.items()}
-            # the path may start from a denoised point (anchor="trend"): translate from the weights we left
+            # a forecaster's path may start elsewhere than the current weights: translate from the weights we left
             self.buffer.translate_(path.weights[k] - win.w[-1].to(path.weights), dstate)
             if self.optimizer_state is StatePolicy.RESET:
                 self.buffer.clear()
@@ -576,6 +615,7 @@ class GFMCallback(pl.Callback):
         record = JumpRecord(
             step=step,
             horizon=path.horizons[decision.index] if accepted else 0,
+            trend=path.branches[decision.index] if accepted and path.branches else 0,
             accepted=accepted,
             metric_before=decision.metric_before,
             metric_after=decision.metric_after,
@@ -585,12 +625,13 @@ class GFMCallback(pl.Callback):
             **info,
         )
         self.jumps.append(record)
-        self._log(trainer, record, path, win)
+        self._log(trainer, record, path.branch(decision.index if accepted else None), win)
 
-    def _prior(self, device) -> GradientField:
+    def _prior(self, device, trend: int | None = None) -> GradientField:
+        config = self.prior_config if trend is None else dataclasses.replace(self.prior_config, trend=trend)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            return GradientField(self.prior_config).to(device)
+            return GradientField(config).to(device)
 
     def _check_same_decision(self, trainer: pl.Trainer, index: int | None) -> None:
         # Sharded: each rank moved its own scalars after the same reduced metrics, so the ranks must have taken

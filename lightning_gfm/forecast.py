@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -177,12 +178,15 @@ class ForecastPath:
         weights: shape ``(H + 1, P)``.
         state: optimizer state by name, each ``(H + 1, P)``.
         seconds: wall-clock spent integrating.
+        branches: when several forecasts were joined (:meth:`join`), the label of each point's own (e.g. its
+            trend length; point 0, the shared start, carries the first's); empty for a single forecast.
     """
 
     horizons: list[int]
     weights: Tensor
     state: dict[str, Tensor]
     seconds: float
+    branches: list[int] = dataclasses.field(default_factory=list)
 
     def finite(self) -> Tensor:
         """Whether each point (weights and state) is finite, shape ``(H + 1,)``."""
@@ -190,6 +194,50 @@ class ForecastPath:
         for v in self.state.values():
             ok &= torch.isfinite(v).all(dim=1)
         return ok
+
+    def started_at(self, w: Tensor) -> ForecastPath:
+        """The same forecast moved to start at ``w`` (shape ``(P,)``): each point keeps its displacement.
+
+        A path from a denoised start (``anchor="trend"``) then begins at the current weights: its points differ
+        from them only by the forecast's move, not by denoising, which training would undo (docs/experiments.md,
+        E7-E8, E34), and paths from different starts compare on equal terms.
+        """
+        w = w.to(self.weights)
+        return ForecastPath(self.horizons, self.weights - self.weights[0] + w, self.state, self.seconds, self.branches)
+
+    @staticmethod
+    def join(paths: list[ForecastPath], labels: list[int]) -> ForecastPath:
+        """One path holding every point of ``paths``, which share their start (point 0 is the first's).
+
+        Args:
+            paths: forecasts from the same start.
+            labels: one per path (e.g. its trend length); ``branches`` then names each point's path.
+        """
+        first = paths[0]
+        return ForecastPath(
+            [h for k, p in enumerate(paths) for h in p.horizons[min(k, 1) :]],
+            torch.cat([p.weights[min(k, 1) :] for k, p in enumerate(paths)]),
+            {n: torch.cat([p.state[n][min(k, 1) :] for k, p in enumerate(paths)]) for n in first.state},
+            sum(p.seconds for p in paths),
+            [label for k, (p, label) in enumerate(zip(paths, labels, strict=True)) for _ in p.horizons[min(k, 1) :]],
+        )
+
+    def branch(self, k: int | None) -> ForecastPath:
+        """The start and the points of the path that point ``k`` came from.
+
+        The first path's when ``k`` is 0 or ``None``; the whole path when it holds one.
+        """
+        if not self.branches:
+            return self
+        label = self.branches[k or 0]
+        keep = [0] + [i for i in range(1, len(self.horizons)) if self.branches[i] == label]
+        return ForecastPath(
+            [self.horizons[i] for i in keep],
+            self.weights[keep],
+            {n: v[keep] for n, v in self.state.items()},
+            self.seconds,
+            [label] * len(keep),
+        )
 
 
 @torch.no_grad()

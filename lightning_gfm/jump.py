@@ -54,10 +54,12 @@ class JumpRecord:
         metric_after: monitored metric after the decision (equals ``metric_before`` when rolled back).
         outcome: the reason, a :class:`JumpOutcome` value.
         seconds: wall-clock of fitting, forecasting and evaluating.
-        candidates: ``(horizon, metric)`` of every evaluated point.
+        candidates: ``(horizon, metric)`` of every evaluated point (path by path when several were joined).
         fit_loss: flow-matching loss of the field after this jump's fit (NaN when not fitted).
         backtest_fitted: backtest relative error of the fitted field (1.0 = standing still; NaN when off).
         backtest_prior: the same for the prior (constant-gradient) field; the better of the two forecasts.
+        trend: when the forecast joined several trend lines (``GFMCallback(branch_trends=...)``), the length of
+            the one the chosen point came from (0 when nothing was applied, or for a single forecast).
     """
 
     step: int
@@ -71,6 +73,7 @@ class JumpRecord:
     fit_loss: float = float("nan")
     backtest_fitted: float = float("nan")
     backtest_prior: float = float("nan")
+    trend: int = 0
 
 
 @dataclass

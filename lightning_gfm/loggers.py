@@ -38,6 +38,7 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "outcome",
     "accepted",
     "horizon",
+    "trend",
     "metric_before",
     "metric_after",
     "seconds",

@@ -66,7 +66,7 @@ class PretrainConfig:
     history: int = 3
     hidden: int = 16
     depth: int = 2
-    span: float = 12.0
+    span: float = 16.0
     anchor: str = "trend"
     trend: int = 8
     seed: int = 0

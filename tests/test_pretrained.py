@@ -269,7 +269,10 @@ def test_shipped_field_is_small_documented_and_a_drop_in():
         field = load_field(path)
         cb = GFMCallback()
         c, d = field.config, cb.field_config
-        assert (c.history, c.hidden, c.depth, c.span) == (d.history, d.hidden, d.depth, d.span)
+        assert (c.history, c.hidden, c.depth) == (d.history, d.hidden, d.depth)
+        # its span is its own (12 record intervals, the default when it was trained): a loaded field is learned
+        # (backtested, window-limited horizons) and forecasts as far as it was fitted, whatever the callback's span
+        assert c.span == 12.0 and cb.learns is False and GFMCallback(field=str(path)).learns
 
 
 def test_field_names_resolve(tmp_path):

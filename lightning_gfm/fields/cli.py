@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--history", type=int, default=3)
     pre.add_argument("--hidden", type=int, default=16)
     pre.add_argument("--depth", type=int, default=2)
-    pre.add_argument("--span", type=float, default=12.0)
+    pre.add_argument("--span", type=float, default=16.0)
     pre.add_argument(
         "--anchor",
         choices=ANCHORS,

@@ -1,0 +1,162 @@
+"""Trend branches, landing at the current weights, and the prior's first attempt and reach (docs/experiments.md,
+E29-E37), against exact answers and in real Trainer runs."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from models import DigitsModule, tiny_trainer
+from test_trend import _window
+
+from lightning_gfm import GFMCallback
+from lightning_gfm.dynamics import lr_by_step
+from lightning_gfm.flow.field import FieldConfig, GradientField
+from lightning_gfm.forecast import ForecastPath, forecast
+
+
+def _path(start: float, horizons: list[int], slope: float, label_state: float = 0.0) -> ForecastPath:
+    h = torch.tensor([0, *horizons], dtype=torch.float32)[:, None]
+    weights = start + slope * h * torch.ones(1, 3)
+    return ForecastPath([0, *horizons], weights, {"v": label_state + h * torch.ones(1, 3)}, 0.5)
+
+
+def test_started_at_keeps_each_points_displacement_exactly():
+    path = _path(2.0, [10, 20], slope=0.1)
+    now = torch.tensor([5.0, -1.0, 0.25])
+    moved = path.started_at(now)
+    assert torch.equal(moved.weights[0], now)  # bit-exact: x - x == 0, so the start is not "moved"
+    torch.testing.assert_close(moved.weights - now, path.weights - path.weights[0])
+    assert moved.state is path.state and moved.horizons == path.horizons
+
+
+def test_join_then_branch_recovers_each_path():
+    a, b = _path(0.0, [10, 20, 40], slope=1.0), _path(0.0, [10, 20, 40], slope=-1.0, label_state=7.0)
+    joined = ForecastPath.join([a, b], [8, 3])
+    assert joined.horizons == [0, 10, 20, 40, 10, 20, 40]
+    assert joined.branches == [8, 8, 8, 8, 3, 3, 3]
+    assert joined.seconds == 1.0 and joined.weights.shape == (7, 3) and joined.state["v"].shape == (7, 3)
+    for k, (want, label) in {2: (a, 8), 5: (b, 3), 0: (a, 8), None: (a, 8)}.items():
+        got = joined.branch(k)
+        assert got.horizons == want.horizons and got.branches == [label] * 4
+        assert torch.equal(got.weights[1:], want.weights[1:])
+        assert torch.equal(got.state["v"][1:], want.state["v"][1:])
+        assert torch.equal(got.weights[0], a.weights[0])  # the shared start
+    assert a.branch(1) is a  # a single forecast is its own branch
+
+
+def test_branches_agree_on_a_straight_line_and_part_on_a_bend():
+    # SGD, constant lr: the prior continues each trend line. On a straight trajectory every line has the same
+    # slope, so the 8- and 3-snapshot paths coincide; after a bend the short line follows the new slope only.
+    t = torch.arange(12, dtype=torch.float32)[:, None] * 10
+    lr = lr_by_step(torch.tensor([[0.1]]), 40, 1)
+    straight, dyn = _window(1.0 + t * torch.tensor([0.05, -0.02]))
+    paths = {
+        n: forecast(GradientField(FieldConfig(anchor="trend", trend=n)), straight, dyn, lr, [40], solver="euler")
+        for n in (8, 3)
+    }
+    now = straight.w[-1]
+    torch.testing.assert_close(paths[8].started_at(now).weights, paths[3].started_at(now).weights)
+    bend = torch.where(t < 80, 1.0 + 0.05 * t, 1.0 + 0.05 * 80 + 0.2 * (t - 80))  # slope 0.05, then 0.2
+    win, dyn = _window(bend)
+    move = {
+        n: forecast(GradientField(FieldConfig(anchor="trend", trend=n)), win, dyn, lr, [40], solver="euler")
+        .started_at(win.w[-1])
+        .weights[1, 0]
+        - win.w[-1, 0]
+        for n in (8, 3)
+    }
+    # the 3-point line lies on the new slope: its move is 40 steps at 0.2, a little less (the prior's output is
+    # capped smoothly, CAP * tanh(x / CAP), and this slope is large for the window); the 8-point line averages
+    # both slopes
+    assert 0.9 * 40 * 0.2 < float(move[3]) <= 40 * 0.2
+    assert 40 * 0.05 < float(move[8]) < 0.9 * float(move[3])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(branch_trends=(8,)), r"\[2, trend - 1\] = \[2, 7\].*got \(8,\)"),
+        (dict(branch_trends=(1,)), r"\[2, trend - 1\].*got \(1,\)"),
+        (dict(branch_trends=(3, 3)), r"distinct.*got \(3, 3\)"),
+        (dict(branch_trends=(2.5,)), r"got \(2.5,\)"),
+        (dict(branch_trends=(True,)), r"got \(True,\)"),
+        (dict(branch_trends="3"), r"`branch_trends` must be a sequence of ints \(or None\), got '3'"),
+        (dict(branch_trends=3), r"`branch_trends` must be a sequence of ints \(or None\), got 3"),
+        (dict(branch_trends=(3,), anchor="state"), r"needs `anchor='trend'`, got anchor='state'"),
+    ],
+)
+def test_branch_trends_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GFMCallback(**kwargs)
+
+
+def test_branch_trends_defaults():
+    assert GFMCallback().branch_trends == (3,)
+    assert GFMCallback(branch_trends=[4, 2]).branch_trends == (4, 2)
+    assert GFMCallback(branch_trends=()).branch_trends == ()
+    assert GFMCallback(anchor="state").branch_trends == ()  # no trend line to shorten
+    assert GFMCallback(trend=3).branch_trends == ()  # nothing shorter worth a branch
+
+
+def test_first_attempt_waits_for_backtest_snapshots_only_when_a_backtest_runs(tmp_path):
+    # the prior: its trend line (min_anchor 7) + 1 + 2; a fitted field: + the 3 backtest snapshots
+    assert GFMCallback().min_snapshots == 7 + 1 + 2
+    assert GFMCallback(fit_steps=5).min_snapshots == 7 + 3 + 2
+    assert GFMCallback(backtest=0, fit_steps=5).min_snapshots == 7 + 1 + 2
+
+
+def _fit(tmp_path, cb: GFMCallback, max_steps: int = 80):
+    pl.seed_everything(0, verbose=False)
+    model = DigitsModule()
+    tiny_trainer(tmp_path, max_steps=max_steps, callbacks=[cb]).fit(model)
+    return model
+
+
+def test_the_prior_reaches_its_span_from_its_first_attempt_and_a_fitted_field_its_window(tmp_path):
+    # record every 2 steps, first attempt at step 20 with 10 snapshots (steps 2 .. 20): the prior may forecast
+    # span = 16 intervals (32 steps) ahead; a fitted field only as far as its window lets it (10 - 1 - 7 = 2
+    # intervals, 4 steps)
+    prior = GFMCallback(record_every=2, jump_every=20, eval_batches=2, branch_trends=())
+    _fit(tmp_path / "prior", prior)
+    j = prior.jumps[0]
+    assert j.step == 20 and max(h for h, _ in j.candidates) == 32
+    fitted = GFMCallback(record_every=2, jump_every=20, eval_batches=2, fit_steps=3, backtest=0, branch_trends=())
+    _fit(tmp_path / "fitted", fitted)
+    j = fitted.jumps[0]
+    assert j.step == 20 and max(h for h, _ in j.candidates) == 4
+
+
+def test_every_branch_is_evaluated_and_the_choice_is_recorded(tmp_path):
+    cb = GFMCallback(record_every=2, jump_every=20, eval_batches=2, n_candidates=3)
+    seen = []
+    original = cb._log
+
+    def spy(trainer, record, path, win):
+        seen.append((record, path))
+        original(trainer, record, path, win)
+
+    cb._log = spy
+    _fit(tmp_path, cb)
+    assert [j.step for j in cb.jumps] == [20, 40, 60]
+    for record, path in seen:
+        far = min(32, 80 - record.step)  # span 16 x 2 steps, never past the end
+        want = sorted({round(far / 4), round(far / 2), far})
+        horizons = [h for h, _ in record.candidates]
+        assert horizons == want * 2  # the 8-snapshot path's candidates, then the 3-snapshot branch's
+        assert path.branches == [record.trend or 8] * 4 and path.horizons == [0, *want]  # the chosen branch
+        if record.accepted:
+            assert record.trend in (8, 3) and record.horizon in path.horizons
+            metrics = [m for _, m in record.candidates]
+            assert record.metric_after == pytest.approx(min(metrics))
+        else:
+            assert record.trend == 0
+    assert any(r.accepted for r, _ in seen), "no jump accepted: the test checks nothing about the choice"
+
+
+def test_no_branch_evaluates_one_path_from_the_current_weights(tmp_path):
+    cb = GFMCallback(record_every=2, jump_every=20, eval_batches=2, n_candidates=3, branch_trends=())
+    _fit(tmp_path, cb)
+    assert [j.step for j in cb.jumps] == [20, 40, 60]
+    for j, want in zip(cb.jumps, ([8, 16, 32], [8, 16, 32], [5, 10, 20]), strict=True):
+        # the path starts at the current weights, so its start is not evaluated (no denoised point, no 0 horizon)
+        assert [h for h, _ in j.candidates] == want
+        assert j.trend == 0
