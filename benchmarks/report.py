@@ -196,8 +196,8 @@ def render(result: dict, images: list[Path], doc: Path, report_command: str) -> 
             "",
             f"Budget {sched.get('max_steps', '?')} steps; jump methods record every {sched.get('record_every', '?')}"
             f" steps, try a jump every {sched.get('jump_every', '?')} steps, up to {sched.get('horizon', '?')} "
-            f"steps ahead ({sched.get('n_candidates', '?')} candidates, the horizon and its halves; accepted only if "
-            "the validation loss falls below the current weights' and, for `gfm`, the denoised start's).",
+            f"steps ahead ({sched.get('n_candidates', '?')} candidates, the horizon and its halves, for `gfm` along "
+            "each of its paths; accepted only if the validation loss falls below the current weights').",
             "",
             "| method | reached target | steps saved | wall-clock saved | final test loss | final test acc "
             "| jumps accepted / tried |",

@@ -182,7 +182,7 @@ class GFMCallback(pl.Callback):
         window: int = 24,
         jump_every: int | None = None,
         horizon: int | Literal["end"] | None = None,
-        n_candidates: int = 5,
+        n_candidates: int = 4,
         spacing: Literal["geometric", "even"] = "geometric",
         monitor: str = "val_loss",
         mode: Literal["min", "max"] = "min",

@@ -74,6 +74,7 @@ def jump_scalars(record: JumpRecord, jumps: Sequence[JumpRecord], buffer_mb: flo
     return {
         "gfm/accepted": float(record.accepted),
         "gfm/horizon": float(record.horizon),
+        "gfm/trend": float(record.trend),
         "gfm/metric_before": record.metric_before,
         "gfm/metric_after": record.metric_after,
         "gfm/jump_seconds": record.seconds,

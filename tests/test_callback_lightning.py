@@ -302,7 +302,7 @@ def test_csv_logger_receives_gfm_metrics(tmp_path):
     _fit(tmp_path, [cb], max_steps=60, logger=logger)
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {"gfm/accepted", "gfm/jumps_accepted", "gfm/horizon", "gfm/metric_before"} <= set(rows[0])
+    assert {"gfm/accepted", "gfm/jumps_accepted", "gfm/horizon", "gfm/trend", "gfm/metric_before"} <= set(rows[0])
     logged = [r for r in rows if r["gfm/accepted"] != ""]
     assert [int(r["step"]) for r in logged] == [j.step for j in cb.jumps]
     assert float(logged[-1]["gfm/jumps_accepted"]) == sum(j.accepted for j in cb.jumps)
