@@ -105,9 +105,8 @@ class GFMCallback(pl.Callback):
         jump_every: optimizer steps between jump attempts (attempts wait until the window is long enough);
             ``None`` (default) makes it a sixth of the planned training (:func:`auto_schedule`), so that the
             same callback fits runs of a few hundred and of a million steps.
-        horizon: farthest forecast, in optimizer steps; ``None`` means ``span`` record intervals for the prior
-            (which fits nothing), and as far as a fitted or loaded field was fitted (its span, fewer while the
-            window is shorter than ``span + history + 1``);
+        horizon: farthest forecast, in optimizer steps; ``None`` means as far as the field was fitted
+            (``span`` record intervals, fewer while the window is shorter than ``span + history + 1``);
             ``"end"`` means the end of the planned training (the forecasted convergence point; beyond the fitted
             span the field holds its last learned time dependence).
             Never beyond the end of the planned training.
@@ -139,8 +138,8 @@ class GFMCallback(pl.Callback):
             loaded field is used only where it beats what the callback would do without it.
         history: past velocities the field sees.
         hidden: hidden width of the field's network.
-        span: record intervals ahead the field is fitted for; the prior's reach (16: measured in
-            docs/experiments.md, E30-E33).
+        span: record intervals ahead the field is fitted for, and the farthest default horizon (16: measured in
+            docs/experiments.md, E30-E33, E38).
         anchor: where the forecast starts and its starting gradient comes from: ``"state"``, the latest
             snapshot and the optimizer's moments there; ``"velocity"``, the latest snapshot and the mean of the
             last ``history`` velocities pushed back through the optimizer's preconditioning (less noisy; the
@@ -483,11 +482,11 @@ class GFMCallback(pl.Callback):
             far = total - step
         elif self.horizon is not None:
             far = self.horizon
-        elif self.learns:
-            # as far as the field was fitted: its span, and no farther than the window's longest anchor-to-end
+        else:
+            # as far as the field was fitted: its span, and no farther than the window's longest anchor-to-end. The
+            # prior too, though it fits nothing: reaching its span from the first attempt on made the demo, a task
+            # outside the benchmark, end worse on every seed (docs/experiments.md, E32, E38)
             far = self.field_config.fitted_steps(win.K, win.interval)
-        else:  # the prior is fitted on nothing: its span from the first attempt on (docs/experiments.md, E32)
-            far = int(self.field_config.span * win.interval)
         if total is not None:
             far = min(far, total - step)
         if self.spacing == "geometric":  # far, far/2, far/4, ...: short hops are tried too

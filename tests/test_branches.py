@@ -1,5 +1,5 @@
 """Trend branches, landing at the current weights, and the prior's first attempt and reach (docs/experiments.md,
-E29-E37), against exact answers and in real Trainer runs."""
+E29-E38), against exact answers and in real Trainer runs."""
 
 import lightning.pytorch as pl
 import pytest
@@ -111,18 +111,14 @@ def _fit(tmp_path, cb: GFMCallback, max_steps: int = 80):
     return model
 
 
-def test_the_prior_reaches_its_span_from_its_first_attempt_and_a_fitted_field_its_window(tmp_path):
-    # record every 2 steps, first attempt at step 20 with 10 snapshots (steps 2 .. 20): the prior may forecast
-    # span = 16 intervals (32 steps) ahead; a fitted field only as far as its window lets it (10 - 1 - 7 = 2
-    # intervals, 4 steps)
-    prior = GFMCallback(record_every=2, jump_every=20, eval_batches=2, branch_trends=())
-    _fit(tmp_path / "prior", prior)
-    j = prior.jumps[0]
-    assert j.step == 20 and max(h for h, _ in j.candidates) == 32
-    fitted = GFMCallback(record_every=2, jump_every=20, eval_batches=2, fit_steps=3, backtest=0, branch_trends=())
-    _fit(tmp_path / "fitted", fitted)
-    j = fitted.jumps[0]
-    assert j.step == 20 and max(h for h, _ in j.candidates) == 4
+def test_prior_and_fitted_field_reach_as_far_as_the_window_lets_them(tmp_path):
+    # record every 2 steps, first attempt at step 20 with 10 snapshots (steps 2 .. 20): 10 - 1 - 7 = 2 intervals
+    # (4 steps) ahead for the prior as for a fitted field, though the prior fits nothing (E38); later attempts
+    # reach further as the window grows: at step 40, 20 snapshots, 20 - 1 - 7 = 12 intervals
+    for kwargs in ({}, {"fit_steps": 3, "backtest": 0}):
+        cb = GFMCallback(record_every=2, jump_every=20, eval_batches=2, branch_trends=(), **kwargs)
+        _fit(tmp_path / str(len(kwargs)), cb)
+        assert [(j.step, max(h for h, _ in j.candidates)) for j in cb.jumps[:2]] == [(20, 4), (40, 24)]
 
 
 def test_every_branch_is_evaluated_and_the_choice_is_recorded(tmp_path):
@@ -138,7 +134,7 @@ def test_every_branch_is_evaluated_and_the_choice_is_recorded(tmp_path):
     _fit(tmp_path, cb)
     assert [j.step for j in cb.jumps] == [20, 40, 60]
     for record, path in seen:
-        far = min(32, 80 - record.step)  # span 16 x 2 steps, never past the end
+        far = {20: 4, 40: 24, 60: 20}[record.step]  # the window's reach (10, 20, 24 snapshots), never past the end
         want = sorted({round(far / 4), round(far / 2), far})
         horizons = [h for h, _ in record.candidates]
         assert horizons == want * 2  # the 8-snapshot path's candidates, then the 3-snapshot branch's
@@ -156,7 +152,7 @@ def test_no_branch_evaluates_one_path_from_the_current_weights(tmp_path):
     cb = GFMCallback(record_every=2, jump_every=20, eval_batches=2, n_candidates=3, branch_trends=())
     _fit(tmp_path, cb)
     assert [j.step for j in cb.jumps] == [20, 40, 60]
-    for j, want in zip(cb.jumps, ([8, 16, 32], [8, 16, 32], [5, 10, 20]), strict=True):
+    for j, want in zip(cb.jumps, ([1, 2, 4], [6, 12, 24], [5, 10, 20]), strict=True):
         # the path starts at the current weights, so its start is not evaluated (no denoised point, no 0 horizon)
         assert [h for h, _ in j.candidates] == want
         assert j.trend == 0
