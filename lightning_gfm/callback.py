@@ -412,7 +412,8 @@ class GFMCallback(pl.Callback):
                 self.memory_budget,
                 chunk_size=self.chunk_size,
                 min_window=min(self.window, self.min_snapshots),
-                n_horizons=self.n_candidates,
+                # every path's points; joined paths coexist with their join for a moment (ForecastPath.join)
+                n_horizons=self.n_candidates * (1 + len(self.branch_trends)) * (2 if self.branch_trends else 1),
                 hidden=self.field_config.hidden,
             )
         except ValueError as err:
@@ -559,7 +560,7 @@ class GFMCallback(pl.Callback):
                     index=shard.index,
                 )
             # every path starts from the current weights (only the forecast's move counts, docs/experiments.md E34)
-            paths.append(shard.gather(path).started_at(win.w[-1]))
+            paths.append(shard.gather(path).start_at_(win.w[-1]))
         if len(paths) == 1:
             return paths[0], info
         return ForecastPath.join(paths, [f.config.trend if f.config.anchor == "trend" else 0 for f in fields]), info

@@ -195,19 +195,27 @@ class ForecastPath:
             ok &= torch.isfinite(v).all(dim=1)
         return ok
 
-    def started_at(self, w: Tensor) -> ForecastPath:
-        """The same forecast moved to start at ``w`` (shape ``(P,)``): each point keeps its displacement.
+    def start_at_(self, w: Tensor) -> ForecastPath:
+        """Move the path, in place, to start at ``w`` (shape ``(P,)``): each point keeps its displacement.
 
         A path from a denoised start (``anchor="trend"``) then begins at the current weights: its points differ
         from them only by the forecast's move, not by denoising, which training would undo (docs/experiments.md,
-        E7-E8, E34), and paths from different starts compare on equal terms.
+        E7-E8, E34), and paths from different starts compare on equal terms. ``weights[0]`` becomes ``w``
+        exactly. In place, so that a model-sized path is not copied.
+
+        Returns:
+            This path.
         """
         w = w.to(self.weights)
-        return ForecastPath(self.horizons, self.weights - self.weights[0] + w, self.state, self.seconds, self.branches)
+        self.weights.sub_(self.weights[0].clone()).add_(w)
+        return self
 
     @staticmethod
     def join(paths: list[ForecastPath], labels: list[int]) -> ForecastPath:
         """One path holding every point of ``paths``, which share their start (point 0 is the first's).
+
+        The points are copied into new tensors: while it runs, the inputs and the result coexist (twice the
+        memory of the result; :func:`~lightning_gfm.memory.plan_memory` counts it so).
 
         Args:
             paths: forecasts from the same start.

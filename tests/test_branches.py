@@ -19,13 +19,15 @@ def _path(start: float, horizons: list[int], slope: float, label_state: float = 
     return ForecastPath([0, *horizons], weights, {"v": label_state + h * torch.ones(1, 3)}, 0.5)
 
 
-def test_started_at_keeps_each_points_displacement_exactly():
+def test_start_at_keeps_each_points_displacement_exactly_in_place():
     path = _path(2.0, [10, 20], slope=0.1)
+    move = path.weights - path.weights[0]
+    weights, state = path.weights, path.state
     now = torch.tensor([5.0, -1.0, 0.25])
-    moved = path.started_at(now)
-    assert torch.equal(moved.weights[0], now)  # bit-exact: x - x == 0, so the start is not "moved"
-    torch.testing.assert_close(moved.weights - now, path.weights - path.weights[0])
-    assert moved.state is path.state and moved.horizons == path.horizons
+    moved = path.start_at_(now)
+    assert moved is path and path.weights is weights and path.state is state  # no model-sized copy
+    assert torch.equal(path.weights[0], now)  # bit-exact: x - x == 0, so the start is not "moved"
+    torch.testing.assert_close(path.weights - now, move)
 
 
 def test_join_then_branch_recovers_each_path():
@@ -54,12 +56,12 @@ def test_branches_agree_on_a_straight_line_and_part_on_a_bend():
         for n in (8, 3)
     }
     now = straight.w[-1]
-    torch.testing.assert_close(paths[8].started_at(now).weights, paths[3].started_at(now).weights)
+    torch.testing.assert_close(paths[8].start_at_(now).weights, paths[3].start_at_(now).weights)
     bend = torch.where(t < 80, 1.0 + 0.05 * t, 1.0 + 0.05 * 80 + 0.2 * (t - 80))  # slope 0.05, then 0.2
     win, dyn = _window(bend)
     move = {
         n: forecast(GradientField(FieldConfig(anchor="trend", trend=n)), win, dyn, lr, [40], solver="euler")
-        .started_at(win.w[-1])
+        .start_at_(win.w[-1])
         .weights[1, 0]
         - win.w[-1, 0]
         for n in (8, 3)
