@@ -67,8 +67,8 @@ class JumpSchedule:
     record_every: int | None = None
     jump_every: int | None = None
     horizon: int | None = None
-    n_candidates: int = 4
-    window: int = 24
+    n_candidates: int | None = None
+    window: int | None = None
     eval_batches: int = 4
 
     def callback_kwargs(self) -> dict:
@@ -86,13 +86,14 @@ class JumpSchedule:
     def resolved(self, max_steps: int) -> dict:
         """The schedule a run of ``max_steps`` steps really gets (for the report)."""
         record_every, jump_every = auto_schedule(max_steps, self.record_every, self.jump_every)
-        fitted = GFMCallback(**self.callback_kwargs()).field_config.fitted_steps(self.window, record_every)
+        cb = GFMCallback(**self.callback_kwargs())  # the callback's defaults for what is left to them
+        fitted = cb.field_config.fitted_steps(cb.window, record_every)
         return {
             "record_every": record_every,
             "jump_every": jump_every,
             "horizon": self.horizon if self.horizon is not None else fitted,
-            "n_candidates": self.n_candidates,
-            "window": self.window,
+            "n_candidates": cb.n_candidates,
+            "window": cb.window,
             "eval_batches": self.eval_batches,
         }
 
