@@ -126,6 +126,7 @@ def run_one(task_name: str, method: str, seed: int, quick: bool, reference=None)
                 {
                     "step": j.step,
                     "horizon": j.horizon,
+                    "trend": j.trend,
                     "accepted": j.accepted,
                     "outcome": j.outcome,
                     "seconds": j.seconds,
