@@ -91,11 +91,10 @@ class GFMCallback(pl.Callback):
     Every ``jump_every`` steps it starts from the denoised trend of the recent snapshots, integrates the
     optimizer-aware vector field (the optimizer's own update rule driven by a gradient surrogate, under the
     known learning-rate schedule; fitted online by flow matching when ``fit_steps > 0``, or loaded with
-    ``field``) with torchdyn up to ``horizon`` steps ahead, and does the same with the prior along each shorter
-    trend line of ``branch_trends``. Every path is moved to start at the current weights (only the forecast's
-    move counts, not the denoising); ``n_candidates`` points of each are evaluated on validation batches, the
-    weights move (in place) to the best one if it beats staying put by ``min_delta``, and are otherwise restored
-    bit-exactly.
+    ``field``) with torchdyn up to ``horizon`` steps ahead (and, if asked, the prior along each shorter trend line
+    of ``branch_trends``). Every path is moved to start at the current weights (only the forecast's move counts,
+    not the denoising); ``n_candidates`` points of each are evaluated on validation batches, the weights move (in
+    place) to the best one if it beats staying put by ``min_delta``, and are otherwise restored bit-exactly.
 
     Args:
         record_every: optimizer steps between snapshots; ``None`` (default) derives it from ``jump_every``
@@ -147,11 +146,12 @@ class GFMCallback(pl.Callback):
             learning-rate schedule); ``"trend"``, denoised: the least-squares line through the last ``trend``
             snapshots gives the starting weights (its value now) and the velocity (its slope).
         trend: snapshots in the least-squares line of ``anchor="trend"`` (at least 2).
-        branch_trends: shorter trend lines (each in ``[2, trend - 1]``) along which the prior forecasts too; their
-            points compete with the main path's on validation, so each attempt picks its own bias-variance trade
-            (a long line denoises, a short one follows a bending path). ``None`` (default): ``(3,)`` with
-            ``anchor="trend"`` and ``trend > 3``, else none; ``()`` turns branches off (docs/experiments.md,
-            E35-E37).
+        branch_trends: shorter trend lines (each in ``[2, trend - 1]``, e.g. ``(3,)``) along which the prior
+            forecasts too; their points compete with the main path's on validation, so each attempt picks its own
+            bias-variance trade (a long line denoises, a short one follows a bending path). Each costs a forecast
+            and ``n_candidates`` evaluations per attempt. ``None`` (default) or ``()``: none. At the default reach a
+            3-snapshot branch won 1 of 40 accepted jumps and changed no crossing (docs/experiments.md, E39); with
+            longer early reaches it helped (E35-E36).
         solver: fixed-step torchdyn solver: ``"euler"``, ``"midpoint"`` or ``"rk4"``.
         buffer_device: where snapshots are stored.
         buffer_dtype: dtype of stored snapshots (a ``torch.dtype`` or its name; ``"bfloat16"`` halves memory).
@@ -258,7 +258,7 @@ class GFMCallback(pl.Callback):
             raise ValueError(f"`anchor` must be 'state', 'velocity' or 'trend', got {anchor!r}.")
         _check_int("trend", trend, 2)
         if branch_trends is None:
-            branch_trends = (3,) if anchor == "trend" and trend > 3 else ()
+            branch_trends = ()
         if isinstance(branch_trends, str | bytes) or not isinstance(branch_trends, Sequence):
             raise ValueError(f"`branch_trends` must be a sequence of ints (or None), got {branch_trends!r}.")
         branch_trends = tuple(branch_trends)

@@ -92,11 +92,10 @@ def test_branch_trends_are_checked(kwargs, message):
 
 
 def test_branch_trends_defaults():
-    assert GFMCallback().branch_trends == (3,)
+    assert GFMCallback().branch_trends == ()  # off by default: it changed no crossing at the default reach (E39)
     assert GFMCallback(branch_trends=[4, 2]).branch_trends == (4, 2)
-    assert GFMCallback(branch_trends=()).branch_trends == ()
-    assert GFMCallback(anchor="state").branch_trends == ()  # no trend line to shorten
-    assert GFMCallback(trend=3).branch_trends == ()  # nothing shorter worth a branch
+    assert GFMCallback(branch_trends=None).branch_trends == ()
+    assert GFMCallback(anchor="state").branch_trends == ()
 
 
 def test_first_attempt_waits_for_backtest_snapshots_only_when_a_backtest_runs(tmp_path):
@@ -124,7 +123,7 @@ def test_prior_and_fitted_field_reach_as_far_as_the_window_lets_them(tmp_path):
 
 
 def test_every_branch_is_evaluated_and_the_choice_is_recorded(tmp_path):
-    cb = GFMCallback(record_every=2, jump_every=20, eval_batches=2, n_candidates=3)
+    cb = GFMCallback(record_every=2, jump_every=20, eval_batches=2, n_candidates=3, branch_trends=(3,))
     seen = []
     original = cb._log
 
