@@ -98,7 +98,7 @@ def test_branch_trends_defaults():
     assert GFMCallback(anchor="state").branch_trends == ()
 
 
-def test_first_attempt_waits_for_backtest_snapshots_only_when_a_backtest_runs(tmp_path):
+def test_first_attempt_waits_for_backtest_snapshots_only_when_a_backtest_runs():
     # the prior: its trend line (min_anchor 7) + 1 + 2; a fitted field: + the 3 backtest snapshots
     assert GFMCallback().min_snapshots == 7 + 1 + 2
     assert GFMCallback(fit_steps=5).min_snapshots == 7 + 3 + 2

@@ -5,10 +5,13 @@ prints steps to the baseline's target (its mean validation loss over the last 3 
 and test loss, and the jumps ``(step, horizon)``.
 
     python -m benchmarks.experiments.demo_variants --seeds 0 1 2 --variants default e37-reach old-first
+    python -m benchmarks.experiments.demo_variants --variants e37-reach default --branch-trends 3   # E37, E38
 
 Variants: ``default`` (the callback as it is); ``no-branch`` (``branch_trends=()``); ``e37-reach`` (the prior
 reaches its span from its first attempt, as in E32-E37); ``old-first`` (the first attempt waits for backtest
 snapshots even for the prior, as before E29); ``old-first-span`` (both: the old first attempt, the span reach).
+``--branch-trends`` and ``--span`` set those callback arguments for every variant (E37's defaults had
+``branch_trends=(3,)``; before this session ``span`` was 12).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(VARIANTS))
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--out", default="runs/demo_variants")
+    parser.add_argument("--branch-trends", nargs="*", type=int, default=[], help="GFMCallback(branch_trends=...)")
+    parser.add_argument("--span", type=int, default=None, help="GFMCallback(span=...); default: the callback's")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
@@ -74,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(EXAMPLES))
     import demo
 
+    common = {"branch_trends": tuple(args.branch_trends)}
+    if args.span is not None:
+        common["span"] = args.span
     original = demo.GFMCallback
     try:
         for seed in args.seeds:
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             for variant in args.variants:
                 cls, kwargs = VARIANTS[variant]
-                demo.GFMCallback = lambda cls=cls, kwargs=kwargs, **k: cls(**{**k, **kwargs})
+                demo.GFMCallback = lambda cls=cls, kwargs=kwargs, **k: cls(**{**k, **common, **kwargs})
                 run = demo.train(seed=seed, steps=args.steps, gfm=dict(demo.GFM_SETTINGS), root_dir=args.out)
                 steps, _ = demo.time_to_target(run["history"], target)
                 jumps = [(j["step"], j["horizon"]) for j in run["jumps"]]

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                         "accepted": sum(j["accepted"] for j in jumps),
                         "tried": len(jumps),
                         "horizons": [j["horizon"] for j in jumps],
+                        "trends": [j["trend"] for j in jumps],
                         "attempt_seconds": statistics.median([j["seconds"] for j in jumps]) if jumps else 0.0,
                         "wall": time.perf_counter() - start,
                         "curve": {"step": run["curve"]["step"], "loss": run["curve"]["loss"]},
