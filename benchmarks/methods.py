@@ -13,6 +13,10 @@
 * ``oracle``: :class:`OracleJumps`, whose forecast is the baseline run's own recorded weights ``h`` steps ahead of
   where the run stands on the baseline's trajectory (its step plus the horizons it already jumped; linearly
   interpolated between records): the ceiling any forecaster reaches with this schedule.
+* ``fastforward``: :class:`~benchmarks.competitors.FastForward` (Rahamim et al. 2024): every 6 steps the last
+  update is repeated while the loss on the first ``eval_batches`` validation batches falls.
+* ``lookahead``: :class:`~benchmarks.competitors.Lookahead`, a SNOO-style outer Nesterov step on the 20-step
+  displacement (outer lr 0.7, momentum 0.9; fixed, see :mod:`benchmarks.competitors`).
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor
 
+from benchmarks.competitors import FastForward, Lookahead
 from benchmarks.tasks import JumpSchedule
 from lightning_gfm import GFMCallback
 from lightning_gfm.flow.window import Window
 from lightning_gfm.forecast import ForecastPath
 from lightning_gfm.params import ParamSpec
 
-METHODS = ("baseline", "linear", "ema", "gfm", "gfm-pretrained", "oracle")
+METHODS = ("baseline", "linear", "ema", "gfm", "gfm-pretrained", "oracle", "fastforward", "lookahead")
 JUMP_METHODS = ("linear", "gfm", "gfm-pretrained", "oracle")
 PRETRAINED_FIT_STEPS = 0  # online fine-tuning of the shipped field: measured in docs/pretrained.md
 
@@ -147,6 +152,10 @@ def make_callbacks(
         return [OracleJumps(*reference, **shared)]
     if method == "ema":
         return [EMAWeightAveraging(decay=ema_decay(max_steps))]
+    if method == "fastforward":
+        return [FastForward(eval_batches=schedule.eval_batches)]
+    if method == "lookahead":
+        return [Lookahead()]
     raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
 
 

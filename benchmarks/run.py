@@ -1,6 +1,7 @@
 """Acceleration benchmark runner (protocol: ``shared/design/BENCHMARK.md``).
 
-    python -m benchmarks.run [--quick] [--tasks ...] [--methods ...] [--seeds 0 1 2] [--out PATH]
+    python -m benchmarks.run [--quick] [--split dev heldout | --tasks ...] [--methods ...] [--seeds 0 1 2]
+        [--out PATH] [--report]
 
 For each seed, for each task, every method trains the same module with the same seed and data order (the
 baseline first: its target and its recorded trajectory are needed by the others; then the rest, interleaved
@@ -11,6 +12,16 @@ the benchmark's measurement. Every run goes to the end of its budget; crossings 
 
 Target: the baseline's test loss averaged over its last 3 evaluations. ``steps_to_target`` /
 ``seconds_to_target``: the first evaluation at or below it (``None`` if never).
+
+Splits: without ``--split`` or ``--tasks`` the dev tasks run (the acceleration benchmark of docs/benchmark.md).
+``--split heldout`` (or ``--split heldout dev``) runs those splits and writes, beside the full ``runs``, one flat
+``rows`` entry per run (task, split, method, seed, steps_saved, wall_saved, final_test, baseline_final_test,
+reached, ...): the held-out benchmark of issue 13, reported by ``python -m benchmarks.report --heldout``::
+
+    python -m benchmarks.run --split heldout --seeds 0 1 \
+        --methods baseline linear ema gfm oracle fastforward lookahead --out benchmarks/results/heldout.json --report
+
+Held-out results are only reported: no default is chosen, tuned or reverted because of them (benchmarks/heldout.py).
 """
 
 from __future__ import annotations
@@ -29,23 +40,54 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from benchmarks.competitors import FastForward, Lookahead
 from benchmarks.methods import JUMP_METHODS, METHODS, TimedGFM, WeightRecorder, make_callbacks, measured_net
-from benchmarks.tasks import QUICK_TASKS, TASKS
+from benchmarks.report import _saved, write_heldout_section, write_report
+from benchmarks.suite import SPLITS, TASKS, tasks_in
+from benchmarks.tasks import QUICK_TASKS, Task
 from lightning_gfm import GFMCallback
 
 DEFAULT_OUT = "benchmarks/results/acceleration.json"
 TARGET_LAST = 3  # evaluations averaged into the target
 
-#: rough wall seconds per run (baseline, gfm) on a busy 2-core machine, 1 thread; only the first ETA uses them
+#: rough wall seconds per run (baseline, gfm) on a busy 2-core machine, 1 thread; only the first ETA uses them.
+#: Held-out baselines: one full-budget baseline per task (seed 0) measured with ``python -m benchmarks.check``;
+#: their gfm figures from the full-budget runs of two held-out tasks (ratio gfm / baseline ~2.2) applied to all.
 _ESTIMATE = {
-    False: {"mnist1d-mlp": (14, 60), "digits-cnn": (4, 10), "charlm": (50, 100), "digits-rmsprop": (4, 14)},
-    True: {"mnist1d-mlp": (4, 15), "digits-cnn": (2, 4), "charlm": (6, 15), "digits-rmsprop": (2, 4)},
+    False: {
+        "mnist1d-mlp": (14, 60),
+        "digits-cnn": (4, 10),
+        "charlm": (50, 100),
+        "digits-rmsprop": (4, 14),
+        "ho-diabetes-mlp": (12, 27),
+        "ho-mnist1d-cnn-bn": (12, 27),
+        "ho-digits-resnet": (12, 27),
+        "ho-mnist1d-gru": (12, 27),
+        "ho-charlm-lstm": (12, 27),
+        "ho-gpt2-lm": (15, 33),
+        "ho-llama-lm": (15, 33),
+        "ho-cancer-mlp": (12, 27),
+        "ho-digits-ae": (12, 27),
+        "ho-mnist1d-sgd": (12, 27),
+    },
+    True: {
+        "mnist1d-mlp": (4, 15),
+        "digits-cnn": (2, 4),
+        "charlm": (6, 15),
+        "digits-rmsprop": (2, 4),
+        "ho-mnist1d-cnn-bn": (2, 2),
+        "ho-diabetes-mlp": (0.3, 0.5),
+        "ho-llama-lm": (3, 6),
+    },
 }
+#: the other methods' cost as a multiple of the baseline's (jump methods evaluate candidates; Fast Forward
+#: evaluates its validation batches at least twice every 6 steps)
+_FACTOR = {"baseline": 1.0, "ema": 1.1, "lookahead": 1.05, "linear": 1.4, "oracle": 1.4, "fastforward": 2.0}
 
 
 def _estimate(task: str, method: str, quick: bool) -> float:
-    base, gfm = _ESTIMATE[quick][task]
-    return gfm if method.startswith("gfm") else base * (1.0 if method == "baseline" else 1.1)
+    base, gfm = _ESTIMATE[quick].get(task, (2.0, 4.0) if quick else (15.0, 35.0))
+    return gfm if method.startswith("gfm") else base * _FACTOR.get(method, 1.1)
 
 
 class Measure(pl.Callback):
@@ -91,9 +133,14 @@ def _model_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
 
-def run_one(task_name: str, method: str, seed: int, quick: bool, reference=None) -> tuple[dict, object]:
-    """Train ``method`` on ``task_name`` with ``seed``; return the run's record and the baseline's trajectory."""
-    task = TASKS[task_name]
+def run_one(
+    task_name: str, method: str, seed: int, quick: bool, reference=None, task: Task | None = None
+) -> tuple[dict, object]:
+    """Train ``method`` on ``task_name`` with ``seed``; return the run's record and the baseline's trajectory.
+
+    ``task``: a replacement definition (e.g. a longer budget for a check); by default the registry's.
+    """
+    task = task if task is not None else TASKS[task_name]
     budget = task.budget(quick)
     pl.seed_everything(seed, verbose=False)
     module, trainer_kwargs = task.make(seed, quick)
@@ -103,6 +150,7 @@ def run_one(task_name: str, method: str, seed: int, quick: bool, reference=None)
     trainer.fit(module)
     run = {
         "task": task_name,
+        "split": task.split,
         "method": method,
         "seed": seed,
         "metric": "test_loss",
@@ -141,12 +189,51 @@ def run_one(task_name: str, method: str, seed: int, quick: bool, reference=None)
             run["buffer_bytes"] = cb.buffer.nbytes
         if isinstance(cb, TimedGFM):
             run["forecasts"] = [{"scalars": p, "seconds": s} for p, s in cb.forecasts]
+        if isinstance(cb, FastForward):
+            run["fastforward"] = {
+                "stages": len(cb.stages),
+                "repeats": sum(st["repeats"] for st in cb.stages),
+                "stages_with_repeats": sum(st["repeats"] > 0 for st in cb.stages),
+                "seconds": cb.seconds,
+            }
+        if isinstance(cb, Lookahead):
+            run["lookahead"] = {"outer_steps": cb.outer_steps, "seconds": cb.seconds, "k": cb.k, "lr": cb.lr}
+            run["lookahead"]["momentum"] = cb.momentum
     return run, recorder
 
 
-def command_line(quick: bool, tasks, methods, seeds, out, threads: int = 1) -> str:
+def row(run: dict, baseline: dict) -> dict:
+    """The flat summary of one run against its baseline (same task and seed): the held-out JSON's ``rows``."""
+    jumps = run["jumps"]
+    return {
+        "task": run["task"],
+        "split": run["split"],
+        "method": run["method"],
+        "seed": run["seed"],
+        "steps_saved": _saved(run["steps_to_target"], baseline["steps_to_target"]),
+        "wall_saved": _saved(run["seconds_to_target"], baseline["seconds_to_target"]),
+        "final_test": run["final_metric"],
+        "baseline_final_test": baseline["final_metric"],
+        "reached": run["steps_to_target"] is not None,
+        "target": run["target"],
+        "steps_to_target": run["steps_to_target"],
+        "seconds_to_target": run["seconds_to_target"],
+        "max_steps": run["max_steps"],
+        "train_seconds": run["train_seconds"],
+        "wall_seconds": run["wall_seconds"],
+        "final_acc": run["final_acc"],
+        "jumps_accepted": sum(j["accepted"] for j in jumps),
+        "jumps_tried": len(jumps),
+    }
+
+
+def command_line(quick: bool, tasks, methods, seeds, out, threads: int = 1, splits=None) -> str:
     parts = ["python", "-m", "benchmarks.run"] + (["--quick"] if quick else [])
-    parts += ["--tasks", *tasks, "--methods", *methods, "--seeds", *map(str, seeds), "--out", str(out)]
+    if splits and list(tasks) == tasks_in(*splits, quick=quick):
+        parts += ["--split", *splits]
+    else:
+        parts += ["--tasks", *tasks]
+    parts += ["--methods", *methods, "--seeds", *map(str, seeds), "--out", str(out)]
     parts += ["--threads", str(threads)]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -168,16 +255,24 @@ def run_benchmark(
     seeds=None,
     out: str | os.PathLike = DEFAULT_OUT,
     threads: int = 1,
+    splits=None,
     log=print,
 ) -> dict:
     """Run the benchmark, write the JSON to ``out`` (after every run) and return it.
 
     ``threads``: torch intra-op threads (1 by default: these models are too small to gain from more, and one
-    thread keeps the timings steady when anything else runs on the machine).
+    thread keeps the timings steady when anything else runs on the machine). ``splits``: run these splits'
+    tasks (their quick selection with ``quick``) unless ``tasks`` is given; without either, the dev split.
     """
     _quiet()
     torch.set_num_threads(threads)
-    tasks = list(tasks or (QUICK_TASKS if quick else TASKS))
+    splits = list(splits) if splits else None
+    if tasks:
+        tasks = list(tasks)
+    elif splits:
+        tasks = tasks_in(*splits, quick=quick)
+    else:
+        tasks = list(QUICK_TASKS) if quick else tasks_in("dev")
     methods = list(methods or METHODS)
     seeds = list(seeds if seeds is not None else ([0] if quick else [0, 1, 2]))
     unknown = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
@@ -187,8 +282,9 @@ def run_benchmark(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "command": command_line(quick, tasks, methods, seeds, out, threads),
+        "command": command_line(quick, tasks, methods, seeds, out, threads, splits),
         "quick": quick,
+        "splits": splits or sorted({TASKS[t].split for t in tasks}),
         "machine": {
             "platform": platform.platform(),
             "python": sys.version.split()[0],
@@ -202,6 +298,7 @@ def run_benchmark(
             | {"max_steps": TASKS[t].budget(quick).max_steps}
             for t in tasks
         },
+        "rows": [],
         "runs": [],
     }
     plan = [(s, t, m) for s in seeds for t in tasks for m in methods]
@@ -211,6 +308,7 @@ def run_benchmark(
     speed = []  # measured / estimated, to correct estimates of runs not yet measured
     start = time.perf_counter()
     targets: dict[tuple[int, str], float] = {}
+    baselines: dict[tuple[int, str], dict] = {}
     reference = None
     for i, (seed, task, method) in enumerate(plan):
         t0 = time.perf_counter()
@@ -221,7 +319,10 @@ def run_benchmark(
         run["target"] = targets[seed, task]
         run["steps_to_target"], run["seconds_to_target"] = first_crossing(run["curve"], run["target"], run["mode"])
         run["wall_seconds"] = time.perf_counter() - t0
+        if method == "baseline":
+            baselines[seed, task] = run
         result["runs"].append(run)
+        result["rows"].append(row(run, baselines[seed, task]))
         out.write_text(json.dumps(result, indent=1))
         measured[task, method] = run["wall_seconds"]
         speed.append(run["wall_seconds"] / estimate[task, method])
@@ -239,21 +340,30 @@ def run_benchmark(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="GFM acceleration benchmark")
-    parser.add_argument("--quick", action="store_true", help="tiny budgets, 1 seed, 2 tasks (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets, 1 seed, 2-3 tasks a split (smoke run)")
+    parser.add_argument("--split", nargs="+", choices=SPLITS, help="run these splits' tasks (default: dev)")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--report", action="store_true", help="also write docs/benchmark.md and docs/img/")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="also write docs/benchmark.md and docs/img/ (with --split: its held-out section only)",
+    )
     args = parser.parse_args(argv)
     run_benchmark(
-        quick=args.quick, tasks=args.tasks, methods=args.methods, seeds=args.seeds, out=args.out, threads=args.threads
+        quick=args.quick,
+        tasks=args.tasks,
+        methods=args.methods,
+        seeds=args.seeds,
+        out=args.out,
+        threads=args.threads,
+        splits=args.split,
     )
     if args.report:
-        from benchmarks.report import write_report
-
-        write_report(args.out)
+        (write_heldout_section if args.split else write_report)(args.out)
 
 
 if __name__ == "__main__":
