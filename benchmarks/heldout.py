@@ -461,7 +461,7 @@ _TASKS = [
         quick=_quick(),
         classification=False,
         limit_val_batches=1,
-        description="diabetes regression, MLP 10-128-128-1, SGD 0.01, step decay x0.5 at 1/2 and 3/4",
+        description="diabetes regression, MLP 10-256-256-256-1, SGD 2.5e-4, step decay x0.5 at 1/2 and 3/4",
         split="heldout",
     ),
     Task(
@@ -470,7 +470,7 @@ _TASKS = [
         full=Budget(1500, 50, JumpSchedule()),
         quick=_quick(),
         limit_val_batches=2,
-        description="mnist1d, 1-D CNN with BatchNorm, SGD Nesterov 0.9 lr 0.02 + cosine",
+        description="mnist1d, 1-D CNN 64-128 with BatchNorm, SGD Nesterov 0.9 lr 0.02 wd 5e-4 + cosine",
         split="heldout",
     ),
     Task(
@@ -479,7 +479,7 @@ _TASKS = [
         full=Budget(3000, 100, JumpSchedule()),
         quick=_quick(),
         limit_val_batches=2,
-        description="digits 8x8, residual MLP with LayerNorm (3 blocks, width 96), AdamW + one-cycle 2e-3",
+        description="digits 8x8, residual MLP with LayerNorm (3 blocks, width 128), AdamW 2.5e-4 wd 0.1 + one-cycle",
         split="heldout",
     ),
     Task(
@@ -509,7 +509,7 @@ _TASKS = [
         full=Budget(8000, 250, JumpSchedule()),
         quick=_quick(),
         limit_val_batches=1,
-        description="breast cancer, MLP 30-64-64-2, RMSprop momentum 0.9 lr 2e-5 + cosine",
+        description="breast cancer, MLP 30-256-256-2, RMSprop momentum 0.9 lr 5e-6 + cosine",
         split="heldout",
     ),
     Task(
@@ -519,7 +519,7 @@ _TASKS = [
         quick=_quick(),
         classification=False,
         limit_val_batches=2,
-        description="digits autoencoder 64-128-16-128-64 (MSE on pixels), Adam 1e-3 + cosine, bf16-mixed",
+        description="digits autoencoder 64-256-16-256-64 (MSE on pixels), Adam 1e-3 + cosine, bf16-mixed",
         split="heldout",
         trainer_kwargs={"precision": "bf16-mixed"},
     ),
@@ -529,7 +529,7 @@ _TASKS = [
         full=Budget(9000, 250, JumpSchedule()),
         quick=_quick(),
         limit_val_batches=2,
-        description="mnist1d, MLP 40-128-128-10 GELU, plain SGD 0.05 constant",
+        description="mnist1d, MLP 40-128-128-10 GELU, plain SGD 0.012 constant",
         constant_lr=True,
         split="heldout",
     ),

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_gfm.distributed import Shard, agree, exchange, fit_message_size
@@ -30,6 +30,7 @@ from lightning_gfm.dynamics import (
     calls_needed,
     dynamics_for,
     future_learning_rates,
+    lr_at_calls,
     lr_by_step,
 )
 from lightning_gfm.fields import load_field, resolve_field, save_field
@@ -41,7 +42,7 @@ from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
 from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
 from lightning_gfm.loggers import GFMReporter
 from lightning_gfm.memory import MemoryPlan, parse_bytes, plan_memory
-from lightning_gfm.params import ParamSpec
+from lightning_gfm.params import ParamSpec, local
 from lightning_gfm.trajectory import TrajectoryBuffer
 
 #: strategies GFM refuses at setup, and why (docs/distributed.md has the support matrix and the per-shard design)
@@ -325,6 +326,12 @@ class GFMCallback(pl.Callback):
         self._epoch_start_step = 0
         self._eval_cache: tuple[list, str] | None = None
         self._reporter = GFMReporter(seed=seed, warn=rank_zero_warn)
+        #: times the trainable parameters or param groups changed mid-run (each restarted the window).
+        self.layout_changes = 0
+        self._layout: tuple | None = None  # what the spec was built for (see _follow_layout)
+        self._hyper: tuple | None = None  # the param groups' hyperparameters the dynamics were built from
+        self._no_params = False  # the optimizer holds no trainable parameter right now: nothing to record
+        self._accumulation: int | None = None  # trainer.accumulate_grad_batches the schedule was derived for
 
     # ------------------------------------------------------------------ when
     def should_record(self, step: int) -> bool:
@@ -359,6 +366,7 @@ class GFMCallback(pl.Callback):
         """Refuse set-ups GFM cannot serve, with what to do instead."""
         if stage != "fit":
             return
+        self._layout, self._no_params, self._accumulation = None, False, None  # re-read once this fit runs
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "GFMCallback needs automatic optimization (it counts optimizer steps through Lightning). "
@@ -435,10 +443,11 @@ class GFMCallback(pl.Callback):
         if step == self._last_step or step == 0:  # gradient accumulation: no optimizer step happened
             return
         self._last_step = step
+        self._follow_accumulation(trainer)
         jump = self.should_jump(step)
         if jump or self.should_record(step):
             self._record(trainer, step)
-        if jump and len(self.buffer) >= self.min_snapshots:
+        if jump and not self._no_params and len(self.buffer) >= self.min_snapshots:
             self._jump(trainer, pl_module, step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -448,15 +457,95 @@ class GFMCallback(pl.Callback):
     # ------------------------------------------------------------- recording
     def _record(self, trainer: pl.Trainer, step: int) -> None:
         start = time.perf_counter()
-        self.buffer.record(trainer.optimizers[0], self._spec, self._dyn.state_names, step)  # one copy, into the ring
+        self._follow_layout(trainer)
+        if not self._no_params:  # one copy, into the ring
+            self.buffer.record(trainer.optimizers[0], self._spec, self._dyn.state_names, step)
         self.record_seconds += time.perf_counter() - start
+
+    def _follow_layout(self, trainer: pl.Trainer) -> None:
+        """Rebuild the tracked-parameter spec and the dynamics when the optimizer's trainable layout changed.
+
+        Unfreezing or freezing parameters, a param group added by a callback (``BackboneFinetuning``) or a new
+        optimizer object change what a snapshot holds; the window recorded before no longer lines up with the
+        weights, so it restarts for the new layout and jumps resume once it is long enough again. The check is one
+        pass over the param groups (ids, group index and size of the trainable parameters), no tensor work. Under
+        DDP every rank sees the same change (it comes from the user's code), so no collective is needed.
+        """
+        opt = trainer.optimizers[0]
+        key = _layout_key(opt)
+        if self._layout is None:  # first record of this fit: the spec was built when fit started
+            self._layout = _layout_key(opt, self._spec, len(next(iter(self._dyn.hyper.values()))))
+            if self._layout == key[1:]:
+                self._layout = key
+        stale = len(self.buffer) and (
+            self.buffer[-1].weights.numel() != self._spec.numel
+            or set(self.buffer.state_names) != set(self._dyn.state_names)
+            or self.buffer[-1].lrs.numel() != len(opt.param_groups)
+        )  # e.g. a window resumed from a checkpoint written under another layout
+        if key == self._layout and not stale:
+            hyper = _hyper_key(opt)
+            if hyper != self._hyper:  # e.g. CyclicLR cycling the momentum: same layout, new coefficients
+                self._hyper = hyper
+                self._dyn = dynamics_for(opt, self._spec, generic=self.generic_dynamics)
+            return
+        self._hyper = _hyper_key(opt)
+        changed = self._layout is not None and key[1:] != self._layout[-2:]
+        self._layout = key
+        self.buffer.clear()
+        self._reporter.pending = None  # a forecast made for the old layout cannot be compared any more
+        pl_module = trainer.lightning_module
+        _reshard(pl_module)
+        try:
+            self._spec = ParamSpec.from_module(pl_module, opt)
+        except ValueError:  # everything frozen for now: record nothing until something is trainable again
+            if not self._no_params:
+                rank_zero_warn(
+                    f"GFMCallback: at step {trainer.global_step} the optimizer holds no trainable parameter "
+                    "(`requires_grad=False` everywhere), so GFM records and jumps nothing until one is trainable again."
+                )
+            self._no_params = True
+            return
+        self._no_params = False
+        self._window_per_rank = self._spec.sharded and trainer.world_size > 1
+        self._dyn = dynamics_for(opt, self._spec, generic=self.generic_dynamics)
+        if self.memory_budget is not None or self.memory_plan is not None:
+            self._plan_memory()
+        if changed or stale:
+            self.layout_changes += 1
+            rank_zero_info(
+                f"GFMCallback: the trainable parameters or param groups changed at step {trainer.global_step} "
+                f"(now {self._spec.numel} scalars in {len(opt.param_groups)} groups); the window restarts, and jumps "
+                f"resume once it holds {self.min_snapshots} snapshots."
+            )
+
+    def _follow_accumulation(self, trainer: pl.Trainer) -> None:
+        """Re-derive an automatic schedule when a callback changed ``accumulate_grad_batches`` mid-run.
+
+        The planned number of optimizer steps changes with it; intervals given by the user are kept as given.
+        """
+        acc = trainer.accumulate_grad_batches
+        if self._accumulation is None:
+            self._accumulation = acc
+        if acc == self._accumulation:
+            return
+        self._accumulation = acc
+        if None in self._schedule_args:
+            self.record_every, self.jump_every = auto_schedule(self._total_steps(trainer), *self._schedule_args)
 
     # ----------------------------------------------------------------- jumps
     def _total_steps(self, trainer: pl.Trainer) -> int | None:
         if trainer.max_steps and trainer.max_steps > 0:
             return trainer.max_steps
-        est = trainer.estimated_stepping_batches
-        return int(est) if math.isfinite(est) else None
+        est = trainer.estimated_stepping_batches  # also loads the train dataloader if needed
+        if not math.isfinite(est):
+            return None
+        # Lightning's estimate assumes today's accumulation for every epoch; a schedule that changes it
+        # (GradientAccumulationScheduler, or any callback) makes the run longer or shorter than that
+        epochs = _epoch_steps(trainer)
+        if epochs is None:
+            return int(est)
+        n_left = max(trainer.max_epochs - trainer.current_epoch, 1)
+        return trainer.global_step + sum(next(epochs) for _ in range(n_left))
 
     def _lr_steps(self, trainer: pl.Trainer, step: int, horizon: int) -> Tensor:
         opt = trainer.optimizers[0]
@@ -466,14 +555,25 @@ class GFMCallback(pl.Callback):
         cfg = configs[0]
         if cfg.interval == "step":
             every, offset = cfg.frequency, step % cfg.frequency
-        else:
-            per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
-            every, offset = per_epoch * cfg.frequency, step - self._epoch_start_step
+            n_calls = calls_needed(horizon, every, offset)
+        else:  # a call after each epoch (of ``frequency``) that ends within the horizon, at its own length
+            epochs, ends, at, epoch = _epoch_steps(trainer), [], 0, trainer.current_epoch
+            while epochs is not None and at <= horizon:
+                length = next(epochs)
+                at += length
+                if (epoch + 1) % cfg.frequency == 0 and at > 0 and at <= horizon:
+                    ends.append(at)  # at 0 the epoch just ended: its call is in the current lr already
+                epoch += 1
+                if length == 0 and epoch > trainer.current_epoch + 1:
+                    break  # no batch at all: nothing ever ends
+            n_calls = len(ends)
         try:
-            calls = future_learning_rates(opt, cfg.scheduler, calls_needed(horizon, every, offset))
+            calls = future_learning_rates(opt, cfg.scheduler, n_calls)
         except Exception:  # a scheduler that cannot be replayed (e.g. ReduceLROnPlateau): hold the lr
             calls = future_learning_rates(opt, None, 0)
-        return lr_by_step(calls, horizon, every, offset)
+        if cfg.interval == "step":
+            return lr_by_step(calls, horizon, every, offset)
+        return lr_at_calls(calls, horizon, ends)
 
     def _horizons(self, trainer: pl.Trainer, step: int, win: Window) -> list[int]:
         total = self._total_steps(trainer)
@@ -489,7 +589,7 @@ class GFMCallback(pl.Callback):
             # outside the benchmark, end worse on every seed (docs/experiments.md, E32, E38)
             far = self.field_config.fitted_steps(win.K, win.interval)
         if total is not None:
-            far = min(far, total - step)
+            far = max(min(far, total - step), 0)  # nothing left of the planned run: no jump
         if self.spacing == "geometric":  # far, far/2, far/4, ...: short hops are tried too
             points = {round(far / 2**i) for i in range(self.n_candidates)}
         else:
@@ -803,6 +903,69 @@ class GFMCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure a forecast aimed at the very last step."""
         self.on_train_batch_start(trainer, pl_module, None, -1)
+
+
+def _layout_key(optimizer: torch.optim.Optimizer, spec: ParamSpec | None = None, n_groups: int = 0) -> tuple:
+    """What a snapshot's layout depends on: the optimizer, its group count, each trainable parameter's group and size.
+
+    With ``spec``, the same key (without the optimizer) for the parameters ``spec`` tracks and ``n_groups`` groups.
+    """
+    if spec is not None:
+        tracked = frozenset(
+            (id(p), g, b - a)
+            for p, g, a, b in zip(spec.params, spec.groups, spec.offsets[:-1], spec.offsets[1:], strict=True)
+        )
+        return n_groups, tracked
+    tracked = frozenset(
+        (id(p), g, local(p).numel())
+        for g, group in enumerate(optimizer.param_groups)
+        for p in group["params"]
+        if p.requires_grad
+    )
+    return id(optimizer), len(optimizer.param_groups), tracked
+
+
+def _hyper_key(optimizer: torch.optim.Optimizer) -> tuple:
+    """The param groups' scalar hyperparameters but the learning rate (which snapshots record themselves)."""
+    skip = ("params", "lr", "initial_lr", "max_lr", "min_lr", "base_lr")
+    return tuple(
+        tuple((k, v) for k, v in group.items() if k not in skip and isinstance(v, int | float | bool | tuple))
+        for group in optimizer.param_groups
+    )
+
+
+def _accumulation_scheduler(trainer: pl.Trainer) -> Any:
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    return next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+
+
+def _epoch_steps(trainer: pl.Trainer):
+    """Optimizer steps left in the current epoch, then the number in each later epoch (an endless iterator).
+
+    Each epoch's count uses the accumulation it will run with: a ``GradientAccumulationScheduler``'s schedule, or
+    else the trainer's current ``accumulate_grad_batches``. Lightning steps after every ``accumulate`` batches and
+    after an epoch's last batch. ``None`` when the epoch length is unknown (an iterable dataset without a length).
+    """
+    n_batches = trainer.num_training_batches
+    if not isinstance(n_batches, int) and not (isinstance(n_batches, float) and math.isfinite(n_batches)):
+        return None
+    n_batches = int(n_batches)
+    gas = _accumulation_scheduler(trainer)
+
+    def accumulation(epoch: int) -> int:
+        return max(1, gas.get_accumulate_grad_batches(epoch) if gas is not None else trainer.accumulate_grad_batches)
+
+    def steps():
+        epoch = trainer.current_epoch
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        acc = accumulation(epoch)
+        yield 0 if done >= n_batches else math.ceil(n_batches / acc) - done // acc
+        while True:
+            epoch += 1
+            yield math.ceil(n_batches / accumulation(epoch))
+
+    return steps()
 
 
 class _LogCapture:

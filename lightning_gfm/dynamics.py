@@ -15,6 +15,9 @@ SGD                 none                                implied by the last obse
 SGD + momentum      ``momentum_buffer``                 steady state of the buffer
 Adam / AdamW        ``exp_avg``, ``exp_avg_sq``         bias-corrected first moment
 RMSprop             ``square_avg`` (+ buffer, + mean)   steady state of the buffer, or the velocity
+NAdam / RAdam       ``exp_avg``, ``exp_avg_sq``         bias-corrected first moment
+Adamax              ``exp_avg``, ``exp_inf``            bias-corrected first moment
+Adagrad             ``sum``                             implied by the last observed velocity
 generic (opt-in)    none                                ``dw/ds = -lr * g`` (an SGD-shaped fallback)
 ==================  ==================================  ============================================
 """
@@ -32,7 +35,7 @@ from torch import Tensor
 from lightning_gfm.params import ParamSpec, local, step_count
 from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
 
-SUPPORTED = ("SGD", "Adam", "AdamW", "RMSprop")
+SUPPORTED = ("SGD", "Adam", "AdamW", "RMSprop", "NAdam", "RAdam", "Adamax", "Adagrad")
 _TINY = 1e-12
 
 
@@ -498,6 +501,248 @@ class RMSpropDynamics(Dynamics):
         return torch.zeros_like(g_scale)
 
 
+def _step_tensor(k: Tensor | float, like: Tensor) -> Tensor:
+    """The step count ``k + 1`` of the update being taken, a float64 tensor on ``like``'s device.
+
+    Float64 as torch's optimizers (Python floats): RAdam's ``rho_t`` is a difference of two numbers near
+    ``2 / (1 - beta2)``, which float32 would round away.
+    """
+    return torch.as_tensor(k, device=like.device).to(torch.float64) + 1
+
+
+class _MomentsDynamics(Dynamics):
+    """Shared parts of the Adam-like families (NAdam, RAdam): an EMA first moment and an EMA second moment.
+
+    Subclasses give :meth:`_gain`, the factor that turns ``m_next / denom`` into the step (``F`` of the update).
+    Coupled (L2) weight decay is added to the gradient; decoupled decay (``decoupled_weight_decay=True``)
+    shrinks the weights by ``lr * weight_decay`` per step.
+    """
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    @property
+    def max_step(self) -> float:
+        return 1.0 / (1.0 - max(self.hyper["beta1"]))
+
+    def _decays(self, w: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        decoupled, wd = self._hs("decoupled", w), self._hs("weight_decay", w)
+        return (1 - decoupled) * wd, decoupled * wd
+
+    def _moments_next(self, w, state, g, noise):
+        b1, b2 = self._hs("beta1", w), self._hs("beta2", w)
+        coupled, _ = self._decays(w)
+        gp = self._sign(g)
+        if not _is_zero(coupled):
+            gp = gp + coupled * w
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        sq = gp * gp if noise is None else gp * gp + noise
+        return gp, {"exp_avg": (gp - m) * (1 - b1), "exp_avg_sq": (sq - v) * (1 - b2)}
+
+    def _hat(self, state: dict[str, Tensor], k, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Bias-corrected moments after ``k`` steps."""
+        kk = torch.as_tensor(k, dtype=like.dtype, device=like.device).clamp_min(1.0)
+        c1, c2 = 1 - self._hs("beta1", like) ** kk, 1 - self._hs("beta2", like) ** kk
+        return state["exp_avg"] / c1, state["exp_avg_sq"].clamp_min(0) / c2
+
+    def gradient_estimate(self, w, state, u, lr, k):
+        coupled, _ = self._decays(w)
+        m_hat = self._hat(state, k, w)[0]
+        return self._sign(m_hat if _is_zero(coupled) else m_hat - coupled * w)
+
+    def gradient_noise(self, w, state, g, k):
+        coupled, _ = self._decays(w)
+        gp = self._sign(g)
+        gp = gp if _is_zero(coupled) else gp + coupled * w
+        return (self._hat(state, k, w)[1] - gp * gp).clamp_min(0)
+
+    def gradient_scale(self, state, u_rms, lr, k):
+        return (self._hat(state, k, u_rms)[1] + 1e-30).sqrt() + self.h("eps", u_rms)
+
+    def direction(self, state, g_scale, k):
+        return self._hat(state, k, g_scale)[0] / g_scale
+
+
+class NAdamDynamics(_MomentsDynamics):
+    """NAdam (and NAdamW): Adam's moments with Nesterov momentum under the decaying schedule ``mu_t``.
+
+    ``mu_t = beta1 (1 - 0.96^(t psi) / 2)`` (``psi = momentum_decay``); the optimizer keeps the running product of
+    the ``mu_t`` as state, which depends on the step count alone, so it is computed from ``k`` here
+    (:func:`_nadam_log_product`) instead of being carried in the ODE state.
+    """
+
+    def _mu(self, t: Tensor, like: Tensor) -> Tensor:
+        return self._hs("beta1", like) * (1.0 - 0.5 * 0.96 ** (t * self._hs("momentum_decay", like)))
+
+    def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Weights of the gradient and of the new first moment in the step taken at step count ``t``."""
+        b1, psi = self._hs("beta1", like), self._hs("momentum_decay", like)
+        mu, mu_next = self._mu(t, like), self._mu(t + 1, like)
+        prod = torch.exp(_nadam_log_product(b1, psi, t))
+        return ((1.0 - mu) / (1.0 - prod)).to(like.dtype), (mu_next / (1.0 - prod * mu_next)).to(like.dtype)
+
+    def velocity(self, w, state, g, lr, k, noise=None):
+        gp, d = self._moments_next(w, state, g, noise)
+        t = _step_tensor(k, w)
+        c2 = (1 - self._hs("beta2", w) ** t).to(w.dtype)
+        denom = ((state["exp_avg_sq"] + d["exp_avg_sq"]).clamp_min(0) / c2 + 1e-30).sqrt() + self._hs("eps", w)
+        a, b = self._coefficients(t, w)
+        step = (a * gp + b * (state["exp_avg"] + d["exp_avg"])) / denom
+        _, decay = self._decays(w)
+        if not _is_zero(decay):
+            step = step + decay * w
+        return -lr * step, d
+
+    def gradient_from_velocity(self, w, state, u, lr, k):
+        # held constant, the first moment settles at g: the step is (a + b) g / denom
+        coupled, decay = self._decays(w)
+        a, b = self._coefficients(_step_tensor(k, w), w)
+        denom = self.gradient_scale(state, u, lr, k)
+        gp = (-u / lr.clamp_min(_TINY) - decay * w) * denom / (a + b)
+        return self._sign(gp) - coupled * w
+
+
+def _nadam_log_product(b1: Tensor | float, psi: Tensor | float, t: Tensor, terms: int = 48) -> Tensor:
+    """``log prod_{i=1..t} b1 (1 - q^i / 2)`` with ``q = 0.96^psi``: NAdam's ``mu_product`` after ``t`` steps.
+
+    ``log(1 - x) = -sum_j x^j / j`` turns the sum over steps into geometric series in closed form,
+    ``sum_i (q^i / 2)^j = 2^-j q^j (1 - q^(j t)) / (1 - q^j)``, which is exact at integer ``t`` (up to the
+    ``terms``-th term, below ``2^-terms``) and smooth in between, as the ODE's fractional times need.
+    """
+    q = 0.96**psi
+    out = t * torch.log(torch.as_tensor(b1, dtype=t.dtype, device=t.device))
+    for j in range(1, terms + 1):
+        qj = q**j
+        if isinstance(qj, float):
+            geo = t if qj >= 1.0 else qj * (1 - qj**t) / (1 - qj)
+        else:
+            qj = torch.as_tensor(qj, dtype=t.dtype, device=t.device)
+            flat = qj >= 1.0
+            geo = torch.where(flat, t, qj * (1 - qj**t) / torch.where(flat, torch.ones_like(qj), 1 - qj))
+        out = out - (0.5**j / j) * geo
+    return out
+
+
+class RAdamDynamics(_MomentsDynamics):
+    """RAdam (and its decoupled-decay form): Adam's step rectified by the variance of its adaptive learning rate.
+
+    While the length of the approximated simple moving average ``rho_t`` is at most 5 (the first few steps) the
+    step is the bias-corrected first moment alone, as in torch.
+    """
+
+    def _gain(self, t: Tensor, v_next: Tensor, like: Tensor) -> Tensor:
+        """Factor from the bias-corrected first moment to the step at step count ``t``."""
+        b2, eps = self._hs("beta2", like), self._hs("eps", like)
+        c2 = 1 - b2**t
+        rho_inf = 2 / (1 - b2) - 1
+        rho_t = rho_inf - 2 * t * b2**t / c2
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp_min(0).sqrt()
+        rect, rho_t, c2 = rect.to(like.dtype), rho_t.to(like.dtype), c2.to(like.dtype)
+        adaptive = c2.sqrt() / ((v_next.clamp_min(0) + 1e-30).sqrt() + eps)
+        return torch.where(rho_t > 5.0, rect * adaptive, torch.ones_like(adaptive))
+
+    def velocity(self, w, state, g, lr, k, noise=None):
+        _, d = self._moments_next(w, state, g, noise)
+        t = _step_tensor(k, w)
+        m_hat = (state["exp_avg"] + d["exp_avg"]) / (1 - self._hs("beta1", w) ** t).to(w.dtype)
+        step = m_hat * self._gain(t, state["exp_avg_sq"] + d["exp_avg_sq"], w)
+        _, decay = self._decays(w)
+        if not _is_zero(decay):
+            step = step + decay * w
+        return -lr * step, d
+
+    def gradient_from_velocity(self, w, state, u, lr, k):
+        coupled, decay = self._decays(w)
+        gain = self._gain(_step_tensor(k, w), state["exp_avg_sq"], w)
+        gp = (-u / lr.clamp_min(_TINY) - decay * w) / gain
+        return self._sign(gp) - coupled * w
+
+
+class AdamaxDynamics(Dynamics):
+    """Adamax: Adam's first moment and an exponentially weighted infinity norm ``exp_inf`` of the gradients.
+
+    ``exp_inf`` follows ``max(beta2 exp_inf, |g| + eps)``. A smooth surrogate gradient would let it decay below
+    the run's (whose minibatch gradients keep pushing it up), so the noise implied at the anchor
+    (:meth:`gradient_noise`) enters as ``|g| -> sqrt(g^2 + noise)``, which holds ``exp_inf`` where the run keeps it.
+    """
+
+    state_names = ("exp_avg", "exp_inf")
+
+    @property
+    def max_step(self) -> float:
+        return 1.0 / (1.0 - max(self.hyper["beta1"]))
+
+    def velocity(self, w, state, g, lr, k, noise=None):
+        b1, b2, eps = self._hs("beta1", w), self._hs("beta2", w), self._hs("eps", w)
+        gp = self._coupled(self._sign(g), w)
+        m, u = state["exp_avg"], state["exp_inf"]
+        dm = (gp - m) * (1 - b1)
+        size = gp.abs() if noise is None else (gp * gp + noise).sqrt()
+        u_next = torch.maximum(u * b2, size + eps)
+        c1 = (1 - b1 ** _step_tensor(k, w)).to(w.dtype)
+        return -lr / c1 * (m + dm) / u_next, {"exp_avg": dm, "exp_inf": u_next - u}
+
+    def _m_hat(self, state, k, like):
+        kk = torch.as_tensor(k, dtype=like.dtype, device=like.device).clamp_min(1.0)
+        return state["exp_avg"] / (1 - self._hs("beta1", like) ** kk)
+
+    def gradient_estimate(self, w, state, u, lr, k):
+        return self._sign(self._m_hat(state, k, w)) - self.h("weight_decay", w) * w
+
+    def gradient_noise(self, w, state, g, k):
+        gp = self._coupled(self._sign(g), w)
+        size = (state["exp_inf"] - self.h("eps", w)).clamp_min(0)
+        return (size * size - gp * gp).clamp_min(0)
+
+    def gradient_from_velocity(self, w, state, u, lr, k):
+        gp = -u * state["exp_inf"] / lr.clamp_min(_TINY)
+        return self._sign(gp) - self.h("weight_decay", w) * w
+
+    def gradient_scale(self, state, u_rms, lr, k):
+        return state["exp_inf"].clamp_min(0) + _TINY
+
+    def direction(self, state, g_scale, k):
+        return self._m_hat(state, k, g_scale) / g_scale
+
+
+class AdagradDynamics(Dynamics):
+    """Adagrad: the sum of squared gradients ``sum`` is ODE state; ``lr_decay`` divides the lr by ``1 + k decay``.
+
+    The sum grows without bound (no relaxation), so there is no closed form under a held gradient and the
+    forecast integrates with torchdyn. The minibatch noise implied at the anchor is the average squared gradient
+    beyond the surrogate's, so the sum keeps growing as fast as the run makes it grow.
+    """
+
+    state_names = ("sum",)
+
+    def _clr(self, lr: Tensor, k, like: Tensor) -> Tensor:
+        kk = torch.as_tensor(k, dtype=like.dtype, device=like.device)
+        decay = self._hs("lr_decay", like)
+        return lr if _is_zero(decay) else lr / (1 + kk * decay)
+
+    def velocity(self, w, state, g, lr, k, noise=None):
+        gp = self._coupled(self._sign(g), w)
+        ds = gp * gp if noise is None else gp * gp + noise
+        std = (state["sum"] + ds).clamp_min(0).sqrt() + self._hs("eps", w)
+        return -self._clr(lr, k, w) * gp / std, {"sum": ds}
+
+    def _std(self, state, like):
+        return state["sum"].clamp_min(0).sqrt() + self.h("eps", like)
+
+    def gradient_estimate(self, w, state, u, lr, k):
+        gp = -u * self._std(state, w) / self._clr(lr, k, w).clamp_min(_TINY)
+        return self._sign(gp) - self.h("weight_decay", w) * w
+
+    def gradient_noise(self, w, state, g, k):
+        kk = torch.as_tensor(k, dtype=w.dtype, device=w.device).clamp_min(1.0)
+        gp = self._coupled(self._sign(g), w)
+        mean_sq = (state["sum"] - self.h("initial_accumulator_value", w)).clamp_min(0) / kk
+        return (mean_sq - gp * gp).clamp_min(0)
+
+    def gradient_scale(self, state, u_rms, lr, k):
+        kk = torch.as_tensor(k, dtype=u_rms.dtype, device=u_rms.device).clamp_min(1.0)
+        return (state["sum"].clamp_min(0) / kk + 1e-30).sqrt() + self.h("eps", u_rms)
+
+
 class GenericDynamics(SGDDynamics):
     """Opt-in fallback for other optimizers: SGD-shaped, ``dw/ds = -lr g``, the field learns ``g`` outright."""
 
@@ -559,6 +804,24 @@ def dynamics_for(optimizer: torch.optim.Optimizer, spec: ParamSpec, generic: boo
             },
         )
         return RMSpropDynamics(hyper, gidx)
+    if isinstance(optimizer, torch.optim.NAdam | torch.optim.RAdam):
+        hyper = _groups(optimizer, {"weight_decay": 0.0, "eps": 1e-8, "maximize": 0.0, "momentum_decay": 4e-3})
+        hyper["beta1"] = [float(g["betas"][0]) for g in optimizer.param_groups]
+        hyper["beta2"] = [float(g["betas"][1]) for g in optimizer.param_groups]
+        hyper["decoupled"] = [float(bool(g.get("decoupled_weight_decay", False))) for g in optimizer.param_groups]
+        cls = NAdamDynamics if isinstance(optimizer, torch.optim.NAdam) else RAdamDynamics
+        return cls(hyper, gidx)
+    if isinstance(optimizer, torch.optim.Adamax):
+        hyper = _groups(optimizer, {"weight_decay": 0.0, "eps": 1e-8, "maximize": 0.0})
+        hyper["beta1"] = [float(g["betas"][0]) for g in optimizer.param_groups]
+        hyper["beta2"] = [float(g["betas"][1]) for g in optimizer.param_groups]
+        return AdamaxDynamics(hyper, gidx)
+    if isinstance(optimizer, torch.optim.Adagrad):
+        hyper = _groups(
+            optimizer,
+            {"weight_decay": 0.0, "eps": 1e-10, "maximize": 0.0, "lr_decay": 0.0, "initial_accumulator_value": 0.0},
+        )
+        return AdagradDynamics(hyper, gidx)
     if generic:
         return GenericDynamics(_groups(optimizer, {"maximize": 0.0, "weight_decay": 0.0}), gidx)
     raise ValueError(
@@ -681,6 +944,30 @@ def lr_by_step(lr_calls: Tensor, horizon: int, every: int, offset: int = 0) -> T
     """
     s = torch.arange(horizon + 1)
     idx = ((s + offset) // max(every, 1)).clamp_max(lr_calls.shape[0] - 1)
+    return lr_calls[idx]
+
+
+def lr_at_calls(lr_calls: Tensor, horizon: int, call_steps: list[int]) -> Tensor:
+    """Expand per-scheduler-call learning rates to one row per future optimizer step, calls at given steps.
+
+    For schedulers whose calls are not evenly spaced in optimizer steps: an epoch-interval scheduler when the
+    epochs have different lengths (gradient accumulation that changes between epochs).
+
+    Args:
+        lr_calls: ``(n_calls + 1, G)`` from :func:`future_learning_rates`.
+        horizon: number of future optimizer steps wanted.
+        call_steps: increasing; the ``i``-th future scheduler call happens after this many more optimizer steps.
+
+    Returns:
+        Shape ``(horizon + 1, G)``; row ``s`` follows every call at ``call_steps <= s``.
+
+    Example:
+        >>> calls = torch.tensor([[1.0], [0.5], [0.25]], dtype=torch.float64)
+        >>> lr_at_calls(calls, 5, [2, 3])[:, 0].tolist()
+        [1.0, 1.0, 0.5, 0.25, 0.25, 0.25]
+    """
+    at = torch.tensor(list(call_steps), dtype=torch.long)
+    idx = torch.searchsorted(at, torch.arange(horizon + 1), right=True).clamp_max(lr_calls.shape[0] - 1)
     return lr_calls[idx]
 
 

@@ -66,6 +66,7 @@ class DigitsModule(pl.LightningModule):
             "adamw": lambda: torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay or 1e-2),
             "rmsprop": lambda: torch.optim.RMSprop(params, lr=hp.lr),
             "adagrad": lambda: torch.optim.Adagrad(params, lr=hp.lr),
+            "adadelta": lambda: torch.optim.Adadelta(params, lr=hp.lr),
         }[hp.optimizer]()
         if hp.schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.trainer.estimated_stepping_batches)

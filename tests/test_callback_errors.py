@@ -186,13 +186,13 @@ def test_unsupported_strategy_is_refused():
 
 def test_unsupported_optimizer_is_refused_unless_generic(tmp_path):
     pl.seed_everything(0, verbose=False)
-    pattern = r"SGD, Adam, AdamW, RMSprop.*got `Adagrad`.*generic_dynamics=True"
+    pattern = r"SGD, Adam, AdamW, RMSprop.*got `Adadelta`.*generic_dynamics=True"
     with pytest.raises(ValueError, match=pattern):
-        _fit(tmp_path, DigitsModule(optimizer="adagrad", lr=0.05), GFMCallback(**FAST))
+        _fit(tmp_path, DigitsModule(optimizer="adadelta", lr=0.5), GFMCallback(**FAST))
 
     pl.seed_everything(0, verbose=False)
     cb = GFMCallback(**FAST, generic_dynamics=True)
-    trainer = _fit(tmp_path, DigitsModule(optimizer="adagrad", lr=0.05), cb, max_steps=44)
+    trainer = _fit(tmp_path, DigitsModule(optimizer="adadelta", lr=0.5), cb, max_steps=44)
     assert trainer.global_step == 44
     assert type(cb._dyn).__name__ == "GenericDynamics"
     assert cb.jumps and all(math.isfinite(j.metric_after) for j in cb.jumps)

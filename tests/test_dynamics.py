@@ -26,6 +26,27 @@ OPTIMIZERS = {
     "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5),
     "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=1e-2, centered=True),
     "maximize": lambda p: torch.optim.Adam(p, lr=1e-2, maximize=True),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=0.01),
+    "nadamw": lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "nadam_no_decay_schedule": lambda p: torch.optim.NAdam(p, lr=1e-2, momentum_decay=0.0),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=0.01),
+    "radam_rectified": lambda p: torch.optim.RAdam(p, lr=1e-2, betas=(0.9, 0.9)),
+    "radamw": lambda p: torch.optim.RAdam(p, lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1, decoupled_weight_decay=True),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=1e-2, weight_decay=0.01),
+    "adamax_maximize": lambda p: torch.optim.Adamax(p, lr=1e-2, maximize=True),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2, weight_decay=0.01),
+    "adagrad_decay": lambda p: torch.optim.Adagrad(p, lr=1e-2, lr_decay=0.1, initial_accumulator_value=0.5),
+    # the multi-tensor and fused implementations of the supported optimizers update the same state
+    "sgd_foreach": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, foreach=True),
+    "sgd_fused": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01, fused=True),
+    "adam_foreach": lambda p: torch.optim.Adam(p, lr=1e-2, foreach=True),
+    "adam_fused": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.01, fused=True),
+    "adamw_fused": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
+    "rmsprop_foreach": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, foreach=True),
+    "nadam_foreach": lambda p: torch.optim.NAdam(p, lr=1e-2, foreach=True),
+    "radam_foreach": lambda p: torch.optim.RAdam(p, lr=1e-2, betas=(0.9, 0.9), foreach=True),
+    "adamax_foreach": lambda p: torch.optim.Adamax(p, lr=1e-2, foreach=True),
+    "adagrad_fused": lambda p: torch.optim.Adagrad(p, lr=1e-2, fused=True),
 }
 
 
@@ -45,9 +66,11 @@ def _setup(name, steps_before=3):
     return model, opt, grad
 
 
+@pytest.mark.parametrize("steps_before", [3, 12])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_one_euler_step_is_one_optimizer_step(name):
-    model, opt, grad = _setup(name)
+def test_one_euler_step_is_one_optimizer_step(name, steps_before):
+    # 12 steps: RAdam past its un-rectified start (rho_t > 5), NAdam's mu schedule further along
+    model, opt, grad = _setup(name, steps_before)
     spec = ParamSpec.from_module(model, opt)
     dyn = dynamics_for(opt, spec)
     grad()
@@ -63,7 +86,7 @@ def test_one_euler_step_is_one_optimizer_step(name):
         torch.testing.assert_close(state[key] + dstate[key], after[key], rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["momentum", "adam", "rmsprop_momentum"])
+@pytest.mark.parametrize("name", ["momentum", "adam", "rmsprop_momentum", "nadam", "radam", "adamax"])
 def test_gradient_estimate_recovers_a_constant_gradient(name):
     # With a constant gradient the moments converge to their steady state, where the estimate is exact.
     torch.manual_seed(0)
@@ -107,8 +130,10 @@ def test_sgd_gradient_estimate_from_velocity():
 
 def test_unsupported_optimizer_names_the_supported_ones():
     model = torch.nn.Linear(2, 1)
-    opt = torch.optim.Adagrad(model.parameters())
-    with pytest.raises(ValueError, match=r"SGD, Adam, AdamW, RMSprop.*Adagrad.*generic_dynamics"):
+    opt = torch.optim.Adadelta(model.parameters())
+    with pytest.raises(
+        ValueError, match=r"SGD, Adam, AdamW, RMSprop, NAdam, RAdam, Adamax, Adagrad.*Adadelta.*generic"
+    ):
         dynamics_for(opt, ParamSpec.from_module(model, opt))
     assert dynamics_for(opt, ParamSpec.from_module(model, opt), generic=True).state_names == ()
 

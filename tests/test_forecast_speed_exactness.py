@@ -23,11 +23,18 @@ OPTIMIZERS = {
     "nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, nesterov=True),
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9),
     "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9, centered=True),
+    "adamw_fused": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.3, fused=True),
+    "sgd_fused": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, fused=True),
 }
 #: no closed form: these must take torchdyn's path, unchanged
 FALLBACKS = {
     "adam_coupled_decay": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),
     "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5),
+    # no relaxation to a fixed target (NAdam's mu schedule, RAdam's rectification, Adamax's max, Adagrad's sum)
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=1e-2),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2, lr_decay=0.01),
 }
 
 
@@ -208,6 +215,7 @@ def test_no_closed_form_falls_back_to_torchdyn(name):
     fast = forecast(field, win, dyn, lr_steps, [20])
     ref = forecast(field, win, dyn, lr_steps, [20], closed_form=False)
     torch.testing.assert_close(fast.weights, ref.weights, rtol=0, atol=0)
+    assert torch.isfinite(ref.weights).all() and not torch.equal(ref.weights[-1], ref.weights[0])
 
 
 def test_fitted_field_is_not_closed_form():
