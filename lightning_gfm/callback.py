@@ -41,7 +41,14 @@ from lightning_gfm.flow.window import Window, shard_sums_size
 from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
 from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
 from lightning_gfm.loggers import GFMReporter
-from lightning_gfm.memory import MemoryPlan, parse_bytes, plan_memory
+from lightning_gfm.memory import (
+    MemoryPlan,
+    available_bytes,
+    default_budget,
+    footprint_bytes,
+    parse_bytes,
+    plan_memory,
+)
 from lightning_gfm.params import ParamSpec, local
 from lightning_gfm.trajectory import TrajectoryBuffer
 
@@ -157,11 +164,16 @@ class GFMCallback(pl.Callback):
         buffer_device: where snapshots are stored.
         buffer_dtype: dtype of stored snapshots (a ``torch.dtype`` or its name; ``"bfloat16"`` halves memory).
         chunk_size: scalars integrated at once (bounds forecasting memory).
-        memory_budget: bytes GFM may use beyond the model and its optimizer (an int, or a string such as
-            ``"8GiB"`` or ``"500MB"``). When fit starts, :func:`~lightning_gfm.memory.plan_memory` picks the
-            largest plan within it: the full ``window`` in ``buffer_dtype``, else in bfloat16, else fewer
-            snapshots, and a ``chunk_size`` no larger than asked; the plan is kept in ``memory_plan``. ``None``
-            (default) uses the arguments as given.
+        memory_budget: bytes GFM may use beyond the model and its optimizer: ``"auto"`` (default), an int, or
+            a string such as ``"8GiB"`` or ``"500MB"``. ``"auto"`` is a quarter of the memory available on
+            ``buffer_device`` when fit starts (shared by the processes of one host that record there), and at most
+            8 times the tracked parameters' training footprint (weights, gradients, optimizer state), with 1 GiB
+            allowed to any model where that quarter allows it (:func:`~lightning_gfm.memory.default_budget`).
+            When fit starts, :func:`~lightning_gfm.memory.plan_memory` picks the largest plan within it (the
+            full ``window`` in ``buffer_dtype``, else in bfloat16, else fewer snapshots, and a ``chunk_size`` no
+            larger than asked), the buffer is allocated at once, and the plan is kept in ``memory_plan`` and
+            logged. A budget too small for a useful window switches GFM off for the run with one warning
+            (training goes on untouched). ``None`` plans nothing: the arguments are used as given.
         generic_dynamics: allow optimizers outside SGD, Adam, AdamW, RMSprop with an SGD-shaped fallback.
         num_threads: CPU threads for GFM's own fitting and integration (restored afterwards); ``None`` keeps
             torch's setting. GFM's work is many small tensor operations, where extra intra-op threads mostly add
@@ -204,7 +216,7 @@ class GFMCallback(pl.Callback):
         buffer_device: str | torch.device = "cpu",
         buffer_dtype: torch.dtype | Literal["float32", "bfloat16", "float16"] = "float32",
         chunk_size: int = 1 << 20,
-        memory_budget: int | str | None = None,
+        memory_budget: int | str | None = "auto",
         generic_dynamics: bool = False,
         num_threads: int | None = 1,
         seed: int = 0,
@@ -213,8 +225,14 @@ class GFMCallback(pl.Callback):
         if record_every is not None:
             _check_int("record_every", record_every, 1)
         _check_int("window", window, 4)
-        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget, "memory_budget")
+        if memory_budget is None or memory_budget == "auto":
+            self.memory_budget: int | str | None = memory_budget
+        else:
+            self.memory_budget = parse_bytes(memory_budget, "memory_budget")
+        #: the memory plan chosen when fit started (:class:`~lightning_gfm.memory.MemoryPlan`), ``None`` before.
         self.memory_plan: MemoryPlan | None = None
+        #: why GFM is switched off for this run (its memory plan did not fit), ``None`` while it works.
+        self.inactive_reason: str | None = None
         if jump_every is not None:
             _check_int("jump_every", jump_every, 1)
         if horizon is not None and horizon != "end":
@@ -351,6 +369,15 @@ class GFMCallback(pl.Callback):
         return bool(self.fit_steps or self.field_path)
 
     @property
+    def _lean(self) -> bool:
+        """Whether the forecast reads only the latest state and the trend's weights (the buffer's lean layout).
+
+        True for the prior along the trend: no velocity history, no older optimizer state (fitting, backtesting
+        and the other anchors read them).
+        """
+        return not self.learns and self.field_config.anchor == "trend"
+
+    @property
     def min_snapshots(self) -> int:
         """Snapshots needed before a jump can be attempted.
 
@@ -396,8 +423,9 @@ class GFMCallback(pl.Callback):
         # each rank records its own shard: a checkpoint (rank 0's callback state only) cannot carry the window
         self._window_per_rank = self._spec.sharded and trainer.world_size > 1
         self._dyn = dynamics_for(opt, self._spec, generic=self.generic_dynamics)
-        if self.memory_budget is not None:
-            self._plan_memory()
+        # processes of one host that record into the same memory (DDP ranks keeping their buffers in host RAM)
+        self._sharing = trainer.num_devices if self.buffer_device.type == "cpu" else 1
+        self._plan_memory()
         device = pl_module.device
         with torch.random.fork_rng(devices=[]):  # never disturb the user's random stream
             torch.manual_seed(self.seed)
@@ -411,27 +439,56 @@ class GFMCallback(pl.Callback):
             self._apply_pending(device)
 
     def _plan_memory(self) -> None:
-        """Fit the buffer and the forecast's chunks to ``memory_budget`` (before anything is recorded)."""
-        try:
-            plan = plan_memory(
-                self._spec.numel,
-                len(self._dyn.state_names),
-                self.window,
-                self.memory_budget,
-                chunk_size=self.chunk_size,
-                min_window=min(self.window, self.min_snapshots),
-                # every path's points; joined paths coexist with their join for a moment (ForecastPath.join)
-                n_horizons=self.n_candidates * (1 + len(self.branch_trends)) * (2 if self.branch_trends else 1),
-                hidden=self.field_config.hidden,
-            )
-        except ValueError as err:
-            raise ValueError(f"`memory_budget` too small for this model: {err}") from err
-        self.memory_plan, self.chunk_size = plan, plan.chunk_size
-        if plan.dtype == torch.float32 and self.buffer.dtype != torch.float32:
-            plan = MemoryPlan(self.buffer.dtype, plan.window, plan.chunk_size, plan.estimated_bytes)
-            self.memory_plan = plan  # a narrower dtype asked for by the user is kept
-        if len(self.buffer) == 0 and (plan.window, plan.dtype) != (self.buffer.capacity, self.buffer.dtype):
-            self.buffer = TrajectoryBuffer(plan.window, device=self.buffer.device, dtype=plan.dtype)
+        """Plan GFM's memory for the current layout and allocate the buffer now, before anything is recorded.
+
+        Called when fit starts and when the trainable layout changes. A plan that does not fit switches GFM off
+        for the run with one warning (``inactive_reason``); an allocation that fails raises before training.
+        """
+        spec, names = self._spec, self._dyn.state_names
+        lean = self._lean
+        restored = self.buffer.state_dict() if len(self.buffer) else None  # a window resumed from a checkpoint
+        self.buffer = TrajectoryBuffer(2, device=self.buffer_device, dtype=self.buffer_dtype)  # free the old ring
+        window, dtype, chunk = self.window, self.buffer_dtype, self.chunk_size
+        if self.memory_budget is not None:
+            if self.memory_budget == "auto":
+                item = local(spec.params[0]).element_size()
+                footprint = footprint_bytes(spec.numel, len(names), item)
+                budget, source = default_budget(footprint, available_bytes(self.buffer_device), sharing=self._sharing)
+            else:
+                budget, source = self.memory_budget, "memory_budget"
+            try:
+                plan = plan_memory(
+                    spec.numel,
+                    len(names),
+                    self.window,
+                    budget,
+                    chunk_size=max(self.chunk_size, 1 << 12),
+                    min_window=min(self.window, self.min_snapshots),
+                    # every path's points; joined paths coexist with their join for a moment (ForecastPath.join)
+                    n_horizons=self.n_candidates * (1 + len(self.branch_trends)) * (2 if self.branch_trends else 1),
+                    hidden=self.field_config.hidden,
+                    lean=lean and not spec.sharded,
+                    source=source,
+                )
+            except ValueError as err:
+                self._switch_off(f"its memory plan does not fit ({source}): {err}")
+                return
+            if plan.dtype == torch.float32 and self.buffer_dtype != torch.float32:
+                plan = dataclasses.replace(plan, dtype=self.buffer_dtype)  # a narrower dtype asked for is kept
+            self.memory_plan = plan
+            window, dtype, chunk = plan.window, plan.dtype, plan.chunk_size
+            rank_zero_info(f"GFMCallback memory plan: {plan.describe()}.")
+        self.chunk_size = chunk
+        self.buffer = TrajectoryBuffer(window, device=self.buffer_device, dtype=dtype, state_rows=1 if lean else None)
+        self.buffer.allocate(spec.numel, names)
+        if restored is not None:
+            self.buffer.load_state_dict(restored)
+
+    def _switch_off(self, why: str) -> None:
+        """Stop recording and jumping for the rest of the run, saying why once; training goes on untouched."""
+        self.inactive_reason = why
+        self.buffer = TrajectoryBuffer(2, device=self.buffer_device, dtype=self.buffer_dtype)
+        rank_zero_warn(f"GFMCallback is inactive for this run: {why} Training continues without GFM.")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember where the epoch started (epoch-interval schedulers step at epoch ends)."""
@@ -443,6 +500,8 @@ class GFMCallback(pl.Callback):
         if step == self._last_step or step == 0:  # gradient accumulation: no optimizer step happened
             return
         self._last_step = step
+        if self.inactive_reason is not None:
+            return
         self._follow_accumulation(trainer)
         jump = self.should_jump(step)
         if jump or self.should_record(step):
@@ -674,13 +733,15 @@ class GFMCallback(pl.Callback):
                 total = self._total_steps(trainer)
                 win = Window.from_buffer(self.buffer, spec, dyn.state_names, total, lambda v: shard.sum(v, "window"))
         else:
-            win = Window.from_buffer(self.buffer, spec, dyn.state_names, self._total_steps(trainer))
+            # the prior reads the buffer in place (no float32 copy of the window: lightning_gfm.memory)
+            total = self._total_steps(trainer)
+            win = Window.from_buffer(self.buffer, spec, dyn.state_names, total, lean=self._lean)
         horizons = self._horizons(trainer, step, win)
         if not horizons:
             return
         with _cpu_threads(self.num_threads, pl_module.device):
             path, info = self.forecast_path(trainer, pl_module, win, horizons)
-        moved_start = not torch.equal(path.weights[0], win.w[-1].to(path.weights))
+        moved_start = not _equal_rows(path.weights[0], win.w[-1])
         if shard is not None and shard.active:  # each rank sees its own shard: evaluate the start if any moved
             moved_start = not agree(not moved_start, device=pl_module.device)
         decision = choose_and_apply(
@@ -703,9 +764,9 @@ class GFMCallback(pl.Callback):
             apply_state_policy(opt, spec, self.optimizer_state, path, k)
             dstate = None
             if self.optimizer_state is StatePolicy.FORECAST:
-                dstate = {n: v[k] - v[0] for n, v in path.state.items()}
+                dstate = {n: (v[k], v[0]) for n, v in path.state.items()}
             # a forecaster's path may start elsewhere than the current weights: translate from the weights we left
-            self.buffer.translate_(path.weights[k] - win.w[-1].to(path.weights), dstate)
+            self.buffer.shift_(path.weights[k], win.w[-1], dstate)
             if self.optimizer_state is StatePolicy.RESET:
                 self.buffer.clear()
                 self._record(trainer, step)
@@ -991,6 +1052,11 @@ class _LogCapture:
     def log_dict(self, dictionary: dict, *args, batch_size: int | None = None, **kwargs) -> None:
         for name, value in dictionary.items():
             self.add(name, value, batch_size)
+
+
+def _equal_rows(a: Tensor, b: Tensor, chunk: int = 1 << 20) -> bool:
+    """Whether ``a`` equals ``b`` (shape ``(P,)``) after converting ``b`` to ``a``'s dtype, a chunk at a time."""
+    return all(torch.equal(a[lo : lo + chunk], b[lo : lo + chunk].to(a)) for lo in range(0, a.numel(), chunk))
 
 
 def _batch_size(batch: Any) -> float:

@@ -772,7 +772,7 @@ def dynamics_for(optimizer: torch.optim.Optimizer, spec: ParamSpec, generic: boo
     Raises:
         ValueError: unsupported optimizer or option (AMSGrad, RMSprop with ``centered`` and momentum mixed).
     """
-    gidx = spec.group_index()
+    gidx = spec.group_index(dtype=torch.int32)  # indexes only: int32 keeps it at 4 bytes a scalar
     name = type(optimizer).__name__
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         if any(g.get("amsgrad", False) for g in optimizer.param_groups):

@@ -190,10 +190,9 @@ class ForecastPath:
 
     def finite(self) -> Tensor:
         """Whether each point (weights and state) is finite, shape ``(H + 1,)``."""
-        ok = torch.isfinite(self.weights).all(dim=1)
-        for v in self.state.values():
-            ok &= torch.isfinite(v).all(dim=1)
-        return ok
+        rows = [self.weights, *self.state.values()]
+        # row by row, so that the check costs one point's booleans, not the whole path's
+        return torch.tensor([all(bool(torch.isfinite(t[h]).all()) for t in rows) for h in range(len(self.horizons))])
 
     def start_at_(self, w: Tensor) -> ForecastPath:
         """Move the path, in place, to start at ``w`` (shape ``(P,)``): each point keeps its displacement.
@@ -336,12 +335,21 @@ def forecast(
         if not all(done):
             raise RuntimeError("The closed-form forecast applied to some chunks only.")
         first = n_out
+    features = field.constant_output(torch.zeros(1)) is None  # a constant field reads no network features
     for lo in range(first, n_out, chunk_size):
         hi = min(lo + chunk_size, n_out)
         c = hi - lo
         idx = torch.arange(lo, hi) if whole else index[lo:hi]
         ctx = anchor_context(
-            win, dyn, anchor, idx, history, device=device, anchor_mode=field.config.anchor, trend=field.config.trend
+            win,
+            dyn,
+            anchor,
+            idx,
+            history,
+            device=device,
+            anchor_mode=field.config.anchor,
+            trend=field.config.trend,
+            features=features,
         )
         group = win.group_index[idx.to(win.group_index.device)].to(device)
         system = _ChunkSystem(field, ctx, names, lr_tab, group)

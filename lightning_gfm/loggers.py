@@ -335,7 +335,8 @@ def _trajectory_image(reporter: GFMReporter, step: int, record: JumpRecord, path
     real, fc = window, path.weights
     if index is not None:
         real, fc = real[:, index.to(real.device)], fc[:, index.to(fc.device)]
-    real_xy, fc_xy = (t.cpu().numpy() for t in trajectory_projection(real.cpu(), fc.detach().cpu()))
+    real, fc = real.float().cpu(), fc.detach().float().cpu()  # the window may be the buffer's bfloat16 storage
+    real_xy, fc_xy = (t.cpu().numpy() for t in trajectory_projection(real, fc))
     fig = Figure(figsize=(5, 4), dpi=100)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot()

@@ -1,14 +1,23 @@
-"""How much memory GFM needs, and the largest configuration that fits a byte budget (a pure function).
+"""How much memory GFM needs, how much it may take, and the largest configuration that fits (pure functions).
 
-GFM's own memory, beyond the model and its optimizer, has four parts, each proportional to the number ``P`` of
-tracked scalars (``S`` optimizer states per scalar, e.g. 2 for Adam, ``K`` snapshots):
+GFM's own memory, beyond the model and its optimizer, is proportional to the number ``P`` of tracked scalars
+(``S`` optimizer states per scalar, e.g. 2 for Adam, ``K`` snapshots, ``H`` forecast horizons). Its parts at
+their peak (a jump attempt):
 
-* the :class:`~lightning_gfm.trajectory.TrajectoryBuffer`: ``K (1 + S) P`` values in the storage dtype;
-* the :class:`~lightning_gfm.flow.window.Window` built from it at a jump: float32 weights, states and velocities,
-  ``(K (1 + S) + K - 1) P`` values, plus one ``(K, P)`` float32 stack in flight while it is built;
-* the forecast path: ``(H + 1) (1 + S) P`` float32 values for ``H`` horizons;
-* the forecast's working set per chunk of ``C`` scalars: the network's hidden activations and the solver's
-  stages, about ``(3 hidden + 12 (1 + S)) C`` float32 values.
+* the :class:`~lightning_gfm.trajectory.TrajectoryBuffer`: ``K P`` weights in the storage dtype, plus the
+  optimizer states of ``K`` snapshots (a field that is fitted or loaded reads them all) or of the latest one
+  only (the prior forecasts from the latest snapshot and reads nothing older: the *lean* layout);
+* the :class:`~lightning_gfm.flow.window.Window` built from it: lean, it reads the buffer in place and adds
+  per-scalar scales and indices (``4 P`` float32-sized values); otherwise float32 copies of the weights, the
+  states and the velocities, ``(K (1 + S) + K - 1) P`` values, one ``(K, P)`` stack in flight, and indices;
+* the forecast path, ``(H + 1) (1 + S) P`` float32 values, and the copy of the weights a rollback restores;
+* the forecast's working set per chunk of ``C`` scalars (hidden activations, solver stages);
+* the dynamics' per-scalar tables (the param-group index, a hyperparameter that differs between groups).
+
+How much GFM may take, when the user does not say (:func:`default_budget`): at most a quarter of the memory
+available on the buffer's device when fit starts, and at most 8 times the training footprint of the tracked
+parameters (weights, gradients and optimizer state), with 1 GiB allowed for any model where a quarter of the
+available memory allows it. A plan is chosen before the first training step and its buffer allocated at once.
 
 Example:
     >>> plan = plan_memory(n_params=10_000_000, n_states=2, window=24, budget_bytes=12 * 2**30)
@@ -16,18 +25,30 @@ Example:
     (24, torch.float32, 1048576)
     >>> plan = plan_memory(n_params=10_000_000, n_states=2, window=24, budget_bytes=3 * 2**30)
     >>> plan.window, plan.dtype, plan.chunk_size
-    (10, torch.bfloat16, 131072)
+    (8, torch.bfloat16, 524288)
+    >>> plan = plan_memory(n_params=10_000_000, n_states=2, window=24, budget_bytes=3 * 2**30, lean=True)
+    >>> plan.window, plan.dtype
+    (24, torch.float32)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 #: storage dtypes tried, best first: float32 keeps the recorded path exact, bfloat16 halves the buffer.
 DTYPES = (torch.float32, torch.bfloat16)
+
+#: the default bound: this fraction of the memory available on the buffer's device when fit starts ...
+DEFAULT_FRACTION = 0.25
+#: ... and at most this multiple of the tracked parameters' training footprint (weights, gradients, state) ...
+DEFAULT_MULTIPLE = 8
+#: ... but never less than this for a small model (still within the fraction of what is available).
+DEFAULT_FLOOR = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -39,12 +60,29 @@ class MemoryPlan:
         window: snapshots kept (``window``).
         chunk_size: scalars integrated at once by the forecast (``chunk_size``).
         estimated_bytes: GFM's peak memory with this plan, by :func:`estimate_bytes`.
+        budget_bytes: the budget the plan was fitted to (0 when unknown).
+        lean: whether only the latest snapshot keeps its optimizer state and the window is read in place.
+        source: where the budget came from: ``"memory_budget"`` (the user's), or the default rule with the
+            numbers it used.
     """
 
     dtype: torch.dtype
     window: int
     chunk_size: int
     estimated_bytes: int
+    budget_bytes: int = 0
+    lean: bool = False
+    source: str = ""
+
+    def describe(self) -> str:
+        """One line for the log: the plan and the budget it fits."""
+        gib = 2**30
+        layout = "lean (state of the latest snapshot only)" if self.lean else "full"
+        return (
+            f"{self.window} snapshots in {str(self.dtype).replace('torch.', '')}, {layout}, chunks of "
+            f"{self.chunk_size} scalars: ~{self.estimated_bytes / gib:.2f} GiB of a {self.budget_bytes / gib:.2f} GiB "
+            f"budget ({self.source})"
+        )
 
 
 def estimate_bytes(
@@ -56,8 +94,9 @@ def estimate_bytes(
     *,
     n_horizons: int = 4,
     hidden: int = 16,
+    lean: bool = False,
 ) -> int:
-    """GFM's peak memory in bytes (buffer, window, forecast path and one chunk's working set; see the module).
+    """GFM's peak memory in bytes (buffer, window, forecast path, rollback copy, one chunk's working set).
 
     Args:
         n_params: tracked scalars ``P``.
@@ -65,16 +104,24 @@ def estimate_bytes(
         window: snapshots ``K``.
         dtype: buffer storage dtype.
         chunk_size: scalars per forecast chunk (no more than ``n_params`` are ever integrated at once).
-        n_horizons: forecast horizons ``H`` (the callback's ``n_candidates``).
+        n_horizons: forecast points ``H`` (the callback's ``n_candidates``, times its paths).
         hidden: width of the field's hidden layers.
+        lean: the prior's layout (see the module): one state row, the window read in place.
     """
     item = torch.empty(0, dtype=dtype).element_size()
     rows = 1 + n_states
-    buffer = window * rows * n_params * item
-    win = ((window * rows + window - 1) + window) * n_params * 4
-    path = (n_horizons + 1) * rows * n_params * 4
-    work = (3 * hidden + 12 * rows) * min(chunk_size, n_params) * 4
-    return buffer + win + path + work
+    p = n_params
+    dynamics = 2 * p * 4  # the dynamics' group index (int32) and one per-scalar hyperparameter table
+    if lean:
+        buffer = (window + n_states) * p * item
+        win = 4 * p * 4  # u_rms, u_rms_tensor (float32), tensor and group index (int32)
+    else:
+        buffer = window * rows * p * item
+        win = ((window * rows + window - 1) + window) * p * 4 + 6 * p * 4  # + roles, tensor, group index
+    path = (n_horizons + 1) * rows * p * 4
+    rollback = p * 4  # the weights choose_and_apply restores
+    work = (3 * hidden + 12 * rows) * min(chunk_size, p) * 4
+    return dynamics + buffer + win + path + rollback + work
 
 
 def plan_memory(
@@ -88,6 +135,8 @@ def plan_memory(
     min_chunk: int = 1 << 12,
     n_horizons: int = 4,
     hidden: int = 16,
+    lean: bool = False,
+    source: str = "memory_budget",
 ) -> MemoryPlan:
     """The largest configuration that fits ``budget_bytes``.
 
@@ -105,6 +154,8 @@ def plan_memory(
         min_chunk: the smallest acceptable chunk.
         n_horizons: forecast horizons (the callback's ``n_candidates``).
         hidden: width of the field's hidden layers.
+        lean: plan the prior's lean layout (see :func:`estimate_bytes`).
+        source: where ``budget_bytes`` came from, kept in the plan.
 
     Returns:
         A :class:`MemoryPlan`.
@@ -130,7 +181,7 @@ def plan_memory(
         raise ValueError(f"`chunk_size` must be an int >= min_chunk = {min_chunk}, got {chunk_size!r}.")
 
     def cost(k: int, dtype: torch.dtype, chunk: int) -> int:
-        return estimate_bytes(n_params, n_states, k, dtype, chunk, n_horizons=n_horizons, hidden=hidden)
+        return estimate_bytes(n_params, n_states, k, dtype, chunk, n_horizons=n_horizons, hidden=hidden, lean=lean)
 
     floor = cost(min_window, torch.bfloat16, min_chunk)
     if floor > budget_bytes:
@@ -145,7 +196,111 @@ def plan_memory(
     chunk = chunk_size
     while chunk > min_chunk and cost(k, dtype, chunk) > budget_bytes:
         chunk = max(min_chunk, chunk // 2)
-    return MemoryPlan(dtype=dtype, window=k, chunk_size=chunk, estimated_bytes=cost(k, dtype, chunk))
+    return MemoryPlan(
+        dtype=dtype,
+        window=k,
+        chunk_size=chunk,
+        estimated_bytes=cost(k, dtype, chunk),
+        budget_bytes=budget_bytes,
+        lean=lean,
+        source=source,
+    )
+
+
+def _proc_meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes left under a cgroup memory limit (containers), or ``None`` where there is none."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            with open(limit_file) as fh:
+                raw = fh.read().strip()
+            if raw == "max":
+                return None
+            limit = int(raw)
+            with open(usage_file) as fh:
+                usage = int(fh.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit >= 1 << 60:  # "no limit" spelled as a huge number (cgroup v1)
+            return None
+        return max(0, limit - usage)
+    return None
+
+
+def available_bytes(device: str | torch.device = "cpu") -> int | None:
+    """Memory available for new allocations on ``device`` now, in bytes (``None`` when it cannot be known).
+
+    CPU: the kernel's ``MemAvailable`` (free plus reclaimable page cache), bounded by a container's cgroup limit.
+    CUDA: the free memory ``torch.cuda.mem_get_info`` reports for the device.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    found = [b for b in (_proc_meminfo_available(), _cgroup_headroom()) if b is not None]
+    if not found and hasattr(os, "sysconf"):
+        with contextlib.suppress(ValueError, OSError):
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return min(found) if found else None
+
+
+def footprint_bytes(n_params: int, n_states: int, item_size: int = 4) -> int:
+    """Training memory of ``n_params`` tracked scalars: weights, gradients and ``n_states`` optimizer states."""
+    return n_params * item_size * (2 + n_states)
+
+
+def default_budget(
+    footprint: int,
+    available: int | None,
+    *,
+    sharing: int = 1,
+    fraction: float = DEFAULT_FRACTION,
+    multiple: float = DEFAULT_MULTIPLE,
+    floor: int = DEFAULT_FLOOR,
+) -> tuple[int, str]:
+    """The bytes GFM takes when the user sets no ``memory_budget``, and a sentence saying why.
+
+    ``min(fraction * available / sharing, max(floor, multiple * footprint))``: a quarter of what the device has
+    free (shared by the ``sharing`` processes that record on it, e.g. the DDP ranks of one host), and a small
+    multiple of what training the model already takes, with room for small models.
+
+    Args:
+        footprint: training footprint of the tracked parameters (:func:`footprint_bytes`).
+        available: memory available on the buffer's device (:func:`available_bytes`), ``None`` when unknown
+            (then only the multiple bounds).
+        sharing: processes that each take this budget from the same memory.
+        fraction: share of the available memory.
+        multiple: multiple of the footprint.
+        floor: bytes allowed for any model, when the available memory allows it.
+
+    Example:
+        >>> budget, why = default_budget(footprint=400 * 2**20, available=16 * 2**30)
+        >>> budget / 2**30, why
+        (3.125, 'default: min(25% of 16.00 GiB available, max(1.00 GiB, 8 x 0.39 GiB footprint))')
+    """
+    gib = 2**30
+    cap = max(floor, int(multiple * footprint))
+    avail_text = "unknown available"
+    if available is not None:
+        share = int(fraction * available / max(1, sharing))
+        cap = min(cap, share)
+        avail_text = f"{fraction:.0%} of {available / gib:.2f} GiB available" + (f" / {sharing}" if sharing > 1 else "")
+    why = f"default: min({avail_text}, max({floor / gib:.2f} GiB, {multiple:g} x {footprint / gib:.2f} GiB footprint))"
+    return cap, why
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

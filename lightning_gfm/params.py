@@ -189,20 +189,20 @@ class ParamSpec:
         for t, view in zip(targets, self.unflatten(flat), strict=False):
             local(t).detach().copy_(view)
 
-    def group_index(self, device=None) -> Tensor:
-        """Param-group index of every scalar, shape ``(P,)``, dtype ``long``."""
+    def group_index(self, device=None, dtype: torch.dtype = torch.long) -> Tensor:
+        """Param-group index of every scalar, shape ``(P,)``, dtype ``dtype``."""
         sizes = torch.tensor([b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=False)])
-        return torch.repeat_interleave(torch.tensor(self.groups), sizes).to(device)
+        return torch.repeat_interleave(torch.tensor(self.groups).to(dtype), sizes).to(device)
 
-    def role_index(self, device=None) -> Tensor:
-        """Role (index into :data:`ROLES`) of every scalar, shape ``(P,)``, dtype ``long``."""
+    def role_index(self, device=None, dtype: torch.dtype = torch.long) -> Tensor:
+        """Role (index into :data:`ROLES`) of every scalar, shape ``(P,)``, dtype ``dtype``."""
         sizes = torch.tensor([b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=False)])
-        return torch.repeat_interleave(torch.tensor(self.roles), sizes).to(device)
+        return torch.repeat_interleave(torch.tensor(self.roles).to(dtype), sizes).to(device)
 
-    def tensor_index(self, device=None) -> Tensor:
-        """Index of the parameter tensor each scalar belongs to, shape ``(P,)``, dtype ``long``."""
+    def tensor_index(self, device=None, dtype: torch.dtype = torch.long) -> Tensor:
+        """Index of the parameter tensor each scalar belongs to, shape ``(P,)``, dtype ``dtype``."""
         sizes = torch.tensor([b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=False)])
-        return torch.repeat_interleave(torch.arange(len(self.params)), sizes).to(device)
+        return torch.repeat_interleave(torch.arange(len(self.params)).to(dtype), sizes).to(device)
 
     def _check(self, flat: Tensor, name: str) -> None:
         if flat.ndim != 1 or flat.numel() != self.numel:

@@ -245,9 +245,3 @@ def test_non_safetensors_field_is_refused_without_unpickling(tmp_path, kind):
         _fit(tmp_path, DigitsModule(), cb)
     assert not marker.exists()
     assert cb.field is None
-
-
-def test_memory_budget_below_the_smallest_plan(tmp_path):
-    pl.seed_everything(0, verbose=False)
-    with pytest.raises(ValueError, match=r"`memory_budget` too small for this model: `budget_bytes` must be at least"):
-        _fit(tmp_path, DigitsModule(), GFMCallback(**FAST, memory_budget="1KB"))

@@ -75,11 +75,12 @@ class Window:
 
     Attributes:
         steps: global step of each snapshot, shape ``(K,)`` (float64).
-        w: weights, shape ``(K, P)``.
-        state: optimizer state by name, each ``(K, P)``.
+        w: weights, shape ``(K, P)`` (float32, or the buffer's storage dtype in a lean window).
+        state: optimizer state by name, each ``(K_s, P)``: the last ``K_s <= K`` snapshots' (all of them unless
+            the buffer keeps fewer state rows); index it from the end.
         lrs: learning rate of each group, shape ``(K, G)`` (float64).
         opt_steps: optimizer step counter of each snapshot, shape ``(K,)``.
-        u: velocities between consecutive snapshots, shape ``(K-1, P)``.
+        u: velocities between consecutive snapshots, shape ``(K-1, P)`` (``None`` in a lean window).
         u_rms: RMS velocity of each scalar over the window, shape ``(P,)``.
         u_rms_tensor: RMS of ``u_rms`` within each scalar's tensor, shape ``(P,)``.
         w_rms_tensor: RMS of the weights within each tensor, per snapshot, shape ``(K, n_tensors)``.
@@ -97,7 +98,7 @@ class Window:
     state: dict[str, Tensor]
     lrs: Tensor
     opt_steps: Tensor
-    u: Tensor
+    u: Tensor | None
     u_rms: Tensor
     u_rms_tensor: Tensor
     w_rms_tensor: Tensor
@@ -117,6 +118,7 @@ class Window:
         state_names,
         total_steps: int | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        lean: bool = False,
     ) -> Window:
         """Build the window from ``buffer``; needs at least two snapshots.
 
@@ -128,9 +130,14 @@ class Window:
             reduce: with sharded parameters (each rank holds a shard of every tensor), sums a float64 message of
                 :func:`shard_sums_size` values over the ranks, so that the per-tensor scales (``u_rms_tensor``,
                 ``w_rms_tensor``) are those of the whole tensors, not of the local shards; ``None``: local.
+            lean: read the weights and states in place, in the buffer's storage dtype (:meth:`lean_from_buffer`):
+                what a forecast from the latest snapshot with the prior needs, without a model-sized copy per
+                snapshot. Not with ``reduce``.
         """
         if len(buffer) < 2:
             raise ValueError(f"A window needs at least 2 snapshots, the buffer holds {len(buffer)}.")
+        if lean and reduce is None:
+            return cls.lean_from_buffer(buffer, spec, total_steps)
         dev = buffer.device
         steps = torch.tensor(buffer.steps, dtype=torch.float64)
         w = buffer.weights(device=dev)  # the one float32 copy of the window's weights
@@ -166,10 +173,66 @@ class Window:
             tensor_count=tensor_count,
         )
 
+    @classmethod
+    def lean_from_buffer(
+        cls, buffer: TrajectoryBuffer, spec: ParamSpec, total_steps: int | None = None, chunk: int = 1 << 20
+    ) -> Window:
+        """The window as views of the buffer's storage (oldest first, no copy of a snapshot), for the prior.
+
+        ``w`` and ``state`` are the buffer's rows in its storage dtype (readers convert the scalars they take to
+        float32); ``state`` holds the rows the buffer keeps (the latest snapshot's alone when it keeps one), so
+        it is indexed from the end (``v[row - K]``). The velocities are not materialised (``u`` is ``None``):
+        their per-scalar RMS is accumulated ``chunk`` scalars at a time in float32, the same values as
+        :meth:`from_buffer`'s up to summation order. ``roles`` is empty (only the network's features read it);
+        the per-scalar indices are int32. The views change when the buffer records again.
+        """
+        if len(buffer) < 2:
+            raise ValueError(f"A window needs at least 2 snapshots, the buffer holds {len(buffer)}.")
+        w, state = buffer.ordered_()
+        dev = w.device
+        steps = torch.tensor(buffer.steps, dtype=torch.float64)
+        dt = (steps[1:] - steps[:-1]).to(torch.float32)
+        sizes = torch.tensor([b - a for a, b in zip(spec.offsets[:-1], spec.offsets[1:], strict=True)])
+        tindex, gindex = spec.tensor_index(dev, torch.int32), spec.group_index(dev, torch.int32)
+        n, k, p = len(spec.params), w.shape[0], w.shape[1]
+        u_rms = torch.zeros(p, dtype=torch.float32, device=dev)
+        w_sq = torch.zeros(k, n, dtype=torch.float32, device=dev)
+        for lo in range(0, p, chunk):
+            hi = min(lo + chunk, p)
+            prev = w[0, lo:hi].float()
+            w_sq[0].index_add_(0, tindex[lo:hi], prev * prev)
+            acc = u_rms[lo:hi]
+            for r in range(1, k):
+                cur = w[r, lo:hi].float()
+                w_sq[r].index_add_(0, tindex[lo:hi], cur * cur)
+                acc.add_(torch.sub(cur, prev).div_(float(dt[r - 1])).pow_(2))
+                prev = cur
+        u_rms.div_(k - 1).add_(1e-30).sqrt_()
+        w_rms_tensor = (w_sq / sizes.to(dev, torch.float32).clamp_min(1) + 1e-12).sqrt()
+        progress = steps / total_steps if total_steps else torch.zeros_like(steps)
+        return cls(
+            steps=steps,
+            w=w,
+            state=state,
+            lrs=buffer.lrs(),
+            opt_steps=torch.tensor(buffer.opt_steps, dtype=torch.float64),
+            u=None,
+            u_rms=u_rms,
+            u_rms_tensor=per_tensor_rms(u_rms, tindex, n, 1e-30),
+            w_rms_tensor=w_rms_tensor,
+            roles=torch.zeros(0, dtype=torch.int32, device=dev),
+            tensor_index=tindex,
+            group_index=gindex,
+            interval=float((steps[1:] - steps[:-1]).median()),
+            progress=progress.clamp(0, 1).to(torch.float32),
+        )
+
     def head(self, n: int) -> Window:
         """The window of the first ``n`` snapshots, its scales recomputed from those alone (no look-ahead)."""
         if not 2 <= n <= self.K:
             raise ValueError(f"`n` must be in [2, {self.K}], got {n}.")
+        if self.u is None or any(v.shape[0] != self.K for v in self.state.values()):
+            raise ValueError("`head` needs a full window (velocities and every snapshot's state): build it lean=False.")
         u = self.u[: n - 1]
         u_rms, u_rms_tensor = _velocity_scales(u, self.tensor_index, self.w_rms_tensor.shape[1])
         u_sq_tensor = None if self.u_sq_tensor is None else self.u_sq_tensor[: n - 1]
@@ -279,14 +342,19 @@ def anchor_context(
     def g(t: Tensor) -> Tensor:
         return t.to(device)
 
-    w0 = g(win.w[row, cols])
-    state0 = {n: g(v[row, cols]) for n, v in win.state.items()}
+    def g32(t: Tensor) -> Tensor:  # a lean window holds the buffer's storage dtype
+        return t.to(device=device, dtype=torch.float32)
+
+    w0 = g32(win.w[row, cols])
+    state0 = {n: g32(v[row - win.K, cols]) for n, v in win.state.items()}  # states are kept for the last rows
     group = win.group_index[cols]
     lr0 = g(win.lrs.to(win.w.device)[a, group].float())
     k0 = g(win.opt_steps.to(win.w.device)[a].float().expand_as(w0))
     u_rms = g(win.u_rms[cols])
     hist = None
     if features or anchor_mode != "trend":
+        if win.u is None:
+            raise ValueError("This window was built lean (no velocities); build it with `lean=False` for features.")
         hist = torch.stack([g(win.u[row - history + r, cols]) for r in range(history)])
     if anchor_mode == "trend":
         w0, slope = _trend(win, a, i, trend)
@@ -342,7 +410,7 @@ def _trend(win: Window, a: Tensor, i: Tensor, n: int) -> tuple[Tensor, Tensor]:
         ``(w, slope)``, each shape ``(B,)``; slope per optimizer step.
     """
     rows = [a - n + 1 + r for r in range(n)]
-    w = torch.stack([win.w[r, i] for r in rows])  # (n, B)
+    w = torch.stack([win.w[r, i] for r in rows]).float()  # (n, B), float32 also from a lean window
     t = torch.stack([win.steps.to(win.w.device)[r] for r in rows]).to(torch.float64)  # (n,) or (n, B)
     dt = t - t.mean(0)
     dt = (dt if dt.dim() == 2 else dt.unsqueeze(1)).to(w.dtype)
