@@ -343,6 +343,7 @@ class GFMCallback(pl.Callback):
         self._last_step = -1
         self._epoch_start_step = 0
         self._eval_cache: tuple[list, str] | None = None
+        self._restored_buffer: dict | None = None  # a checkpoint's window, until fit starts and plans the ring
         self._reporter = GFMReporter(seed=seed, warn=rank_zero_warn)
         #: times the trainable parameters or param groups changed mid-run (each restarted the window).
         self.layout_changes = 0
@@ -446,7 +447,9 @@ class GFMCallback(pl.Callback):
         """
         spec, names = self._spec, self._dyn.state_names
         lean = self._lean
-        restored = self.buffer.state_dict() if len(self.buffer) else None  # a window resumed from a checkpoint
+        restored, self._restored_buffer = self._restored_buffer, None  # a window resumed from a checkpoint
+        if restored is None and len(self.buffer):
+            restored = self.buffer.state_dict()
         self.buffer = TrajectoryBuffer(2, device=self.buffer_device, dtype=self.buffer_dtype)  # free the old ring
         window, dtype, chunk = self.window, self.buffer_dtype, self.chunk_size
         if self.memory_budget is not None:
@@ -917,7 +920,9 @@ class GFMCallback(pl.Callback):
         per_rank = self._window_per_rank
         return {
             "version": 1,
-            "buffer": {"capacity": self.buffer.capacity, "snapshots": []} if per_rank else self.buffer.state_dict(),
+            "buffer": {"capacity": self.buffer.capacity, "snapshots": []}
+            if per_rank
+            else (self._restored_buffer if self._restored_buffer is not None else self.buffer.state_dict()),
             "window_per_rank": per_rank,
             "field": None if self.field is None else {k: v.cpu() for k, v in self.field.state_dict().items()},
             "field_config": self.field_config.to_dict(),
@@ -929,13 +934,19 @@ class GFMCallback(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; the field is rebuilt when fit starts."""
+        """Restore from :meth:`state_dict`; the field is rebuilt and the window refilled when fit starts.
+
+        The window goes straight into the ring the memory plan allocates then (:meth:`state_dict` returns it as
+        loaded until that moment), so a resumed run never holds a ring of the unplanned size.
+        """
         if state_dict.get("window_per_rank", False):
             rank_zero_warn(
                 "GFMCallback: this checkpoint comes from a sharded run, whose window (each rank's own shard) is not "
                 "saved; the window is re-recorded from the resumed step, so jumps resume once it is long enough."
             )
-        self.buffer.load_state_dict(state_dict.get("buffer", {}))
+        # restored into the ring the memory plan allocates when fit starts (no ring of the unplanned size first)
+        self._restored_buffer = state_dict.get("buffer", {})
+        self.buffer.clear()
         self.jumps = [JumpRecord(**j) for j in state_dict.get("jumps", [])]
         self._last_step = state_dict.get("last_step", -1)
         self._epoch_start_step = state_dict.get("epoch_start_step", 0)

@@ -287,8 +287,10 @@ def test_state_dict_round_trip_weights_only(fitted, tmp_path):
     state = torch.load(path, weights_only=True)
     fresh = GFMCallback(**FAST)
     fresh.load_state_dict(state)
-    assert fresh.buffer.steps == cb.buffer.steps
-    assert torch.equal(fresh.buffer.weights(), cb.buffer.weights())
+    # the window waits for the ring the memory plan allocates when fit starts (test_memory_plan.py resumes it)
+    snaps, want_snaps = fresh.state_dict()["buffer"]["snapshots"], cb.state_dict()["buffer"]["snapshots"]
+    assert [s["step"] for s in snaps] == cb.buffer.steps
+    assert all(torch.equal(a["weights"], b["weights"]) for a, b in zip(snaps, want_snaps, strict=True))
     assert fresh._last_step == cb._last_step == 80
     got = [(j.step, j.accepted, j.horizon, j.outcome, j.metric_before, j.metric_after) for j in fresh.jumps]
     want = [(j.step, j.accepted, j.horizon, j.outcome, j.metric_before, j.metric_after) for j in cb.jumps]

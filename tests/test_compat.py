@@ -429,6 +429,16 @@ def test_no_layout_noise(tmp_path):
     assert gfm.layout_changes == 0 and len(gfm.buffer) >= gfm.min_snapshots
 
 
+def test_a_model_too_large_for_the_memory_plan_leaves_gfm_inactive(tmp_path, monkeypatch):
+    import lightning_gfm.callback as callback_module
+
+    monkeypatch.setattr(callback_module, "available_bytes", lambda device: 10_000)  # a quarter: 2.5 kB
+    gfm = GFMCallback(**FAST)
+    with pytest.warns(UserWarning, match="GFMCallback is inactive for this run: its memory plan does not fit"):
+        _fit(tmp_path, DigitsModule(**SMALL), [gfm], max_steps=24)
+    assert gfm.inactive_reason and not gfm.jumps and len(gfm.buffer) == 0
+
+
 def test_the_documented_matrix_names_these_tests():
     """docs/compatibility.md: every row's test exists here, and every test here is a row."""
     import pathlib

@@ -210,3 +210,27 @@ def test_no_budget_uses_the_arguments_as_given(tmp_path, monkeypatch):
 
 def test_footprint_counts_weights_gradients_and_state():
     assert footprint_bytes(1000, 2) == 16_000 and footprint_bytes(1000, 0, item_size=2) == 4000
+
+
+def test_a_resumed_window_goes_straight_into_the_planned_ring(tmp_path):
+    cb = GFMCallback(**PRIOR)
+    pl.seed_everything(0, verbose=False)
+    trainer = tiny_trainer(tmp_path, [cb], max_steps=30)
+    trainer.fit(DigitsModule())
+    ckpt = tmp_path / "gfm.ckpt"
+    trainer.save_checkpoint(ckpt)
+    steps = cb.buffer.steps
+    last_state = cb.buffer.state("exp_avg").clone()
+
+    resumed = GFMCallback(**PRIOR)
+    seen = _Seen(resumed)
+    restored = {}
+
+    class _Steps(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            restored["steps"], restored["state"] = resumed.buffer.steps, resumed.buffer.state("exp_avg").clone()
+
+    pl.seed_everything(0, verbose=False)
+    tiny_trainer(tmp_path, [resumed, seen, _Steps()], max_steps=40).fit(DigitsModule(), ckpt_path=ckpt)
+    assert restored["steps"] == steps and torch.equal(restored["state"], last_state)
+    assert resumed.buffer.state_rows == 1 and seen.allocated == resumed.buffer.allocated_bytes
