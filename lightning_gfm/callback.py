@@ -42,10 +42,12 @@ from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
 from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
 from lightning_gfm.loggers import GFMReporter
 from lightning_gfm.memory import (
+    DEFAULT_FRACTION,
     MemoryPlan,
     available_bytes,
     default_budget,
     footprint_bytes,
+    forecast_bytes,
     parse_bytes,
     plan_memory,
 )
@@ -326,6 +328,8 @@ class GFMCallback(pl.Callback):
         self.buffer_device = torch.device(buffer_device)
         self.buffer_dtype = buffer_dtype
         self.chunk_size = chunk_size
+        self._chunk_asked = chunk_size  # what the memory plan may shrink, never exceed
+        self._world = 1
         self.generic_dynamics = generic_dynamics
         self.num_threads = num_threads
         self.seed = seed
@@ -376,7 +380,8 @@ class GFMCallback(pl.Callback):
         True for the prior along the trend: no velocity history, no older optimizer state (fitting, backtesting
         and the other anchors read them).
         """
-        return not self.learns and self.field_config.anchor == "trend"
+        field = self.field
+        return not self.learns and self.field_config.anchor == "trend" and (field is None or field.constant)
 
     @property
     def min_snapshots(self) -> int:
@@ -424,9 +429,6 @@ class GFMCallback(pl.Callback):
         # each rank records its own shard: a checkpoint (rank 0's callback state only) cannot carry the window
         self._window_per_rank = self._spec.sharded and trainer.world_size > 1
         self._dyn = dynamics_for(opt, self._spec, generic=self.generic_dynamics)
-        # processes of one host that record into the same memory (DDP ranks keeping their buffers in host RAM)
-        self._sharing = trainer.num_devices if self.buffer_device.type == "cpu" else 1
-        self._plan_memory()
         device = pl_module.device
         with torch.random.fork_rng(devices=[]):  # never disturb the user's random stream
             torch.manual_seed(self.seed)
@@ -438,12 +440,18 @@ class GFMCallback(pl.Callback):
         self._eval_cache = None
         if self._pending is not None:
             self._apply_pending(device)
+        # processes of one host that record into the same memory (DDP ranks keeping their buffers in host RAM)
+        self._sharing = trainer.num_devices if self.buffer_device.type == "cpu" else 1
+        self._world = trainer.world_size
+        self.inactive_reason, self.memory_plan = None, None
+        self._plan_memory()  # last: the plan depends on the field in use (a checkpoint's may differ)
 
     def _plan_memory(self) -> None:
         """Plan GFM's memory for the current layout and allocate the buffer now, before anything is recorded.
 
         Called when fit starts and when the trainable layout changes. A plan that does not fit switches GFM off
         for the run with one warning (``inactive_reason``); an allocation that fails raises before training.
+        Every rank plans from the smallest available memory of all ranks, so they all take the same plan.
         """
         spec, names = self._spec, self._dyn.state_names
         lean = self._lean
@@ -451,12 +459,27 @@ class GFMCallback(pl.Callback):
         if restored is None and len(self.buffer):
             restored = self.buffer.state_dict()
         self.buffer = TrajectoryBuffer(2, device=self.buffer_device, dtype=self.buffer_dtype)  # free the old ring
-        window, dtype, chunk = self.window, self.buffer_dtype, self.chunk_size
+        window, dtype, chunk = self.window, self.buffer_dtype, self._chunk_asked
         if self.memory_budget is not None:
+            # every path's points; joined paths coexist with their join for a moment (ForecastPath.join), and so
+            # do the ranks' slices with the gathered path under DDP
+            joined = bool(self.branch_trends) or self._world > 1
+            n_points = self.n_candidates * (1 + len(self.branch_trends)) * (2 if joined else 1)
+            sizes = dict(n_horizons=n_points, hidden=self.field_config.hidden)
             if self.memory_budget == "auto":
                 item = local(spec.params[0]).element_size()
                 footprint = footprint_bytes(spec.numel, len(names), item)
-                budget, source = default_budget(footprint, available_bytes(self.buffer_device), sharing=self._sharing)
+                available = _min_over_ranks(available_bytes(self.buffer_device), spec.device)
+                budget, source = default_budget(footprint, available, sharing=self._sharing)
+                if spec.device.type != self.buffer_device.type:  # the path and its rollback live on the model's
+                    room = _min_over_ranks(available_bytes(spec.device), spec.device)
+                    need = forecast_bytes(spec.numel, len(names), min(chunk, 1 << 20), **sizes)
+                    if room is not None and need > DEFAULT_FRACTION * room:
+                        self._switch_off(
+                            f"a forecast needs {need / 2**30:.2f} GiB on {spec.device}, more than "
+                            f"{DEFAULT_FRACTION:.0%} of the {room / 2**30:.2f} GiB available there."
+                        )
+                        return
             else:
                 budget, source = self.memory_budget, "memory_budget"
             try:
@@ -465,13 +488,12 @@ class GFMCallback(pl.Callback):
                     len(names),
                     self.window,
                     budget,
-                    chunk_size=max(self.chunk_size, 1 << 12),
+                    chunk_size=chunk,
                     min_window=min(self.window, self.min_snapshots),
-                    # every path's points; joined paths coexist with their join for a moment (ForecastPath.join)
-                    n_horizons=self.n_candidates * (1 + len(self.branch_trends)) * (2 if self.branch_trends else 1),
-                    hidden=self.field_config.hidden,
+                    min_chunk=min(chunk, 1 << 12),
                     lean=lean and not spec.sharded,
                     source=source,
+                    **sizes,
                 )
             except ValueError as err:
                 self._switch_off(f"its memory plan does not fit ({source}): {err}")
@@ -484,7 +506,9 @@ class GFMCallback(pl.Callback):
         self.chunk_size = chunk
         self.buffer = TrajectoryBuffer(window, device=self.buffer_device, dtype=dtype, state_rows=1 if lean else None)
         self.buffer.allocate(spec.numel, names)
-        if restored is not None:
+        snaps = (restored or {}).get("snapshots", [])
+        # a window recorded under another layout (other parameters, other optimizer states) is dropped, not loaded
+        if snaps and snaps[-1]["weights"].numel() == spec.numel and set(snaps[-1].get("state", {})) == set(names):
             self.buffer.load_state_dict(restored)
 
     def _switch_off(self, why: str) -> None:
@@ -520,7 +544,8 @@ class GFMCallback(pl.Callback):
     def _record(self, trainer: pl.Trainer, step: int) -> None:
         start = time.perf_counter()
         self._follow_layout(trainer)
-        if not self._no_params:  # one copy, into the ring
+        # one copy, into the ring; a re-plan at a new layout may have switched GFM off
+        if not self._no_params and self.inactive_reason is None:
             self.buffer.record(trainer.optimizers[0], self._spec, self._dyn.state_names, step)
         self.record_seconds += time.perf_counter() - start
 
@@ -944,9 +969,16 @@ class GFMCallback(pl.Callback):
                 "GFMCallback: this checkpoint comes from a sharded run, whose window (each rank's own shard) is not "
                 "saved; the window is re-recorded from the resumed step, so jumps resume once it is long enough."
             )
-        # restored into the ring the memory plan allocates when fit starts (no ring of the unplanned size first)
+        # restored into the ring the memory plan allocates when fit starts (no ring of the unplanned size first);
+        # a strategy that restores after fit started (ModelParallel) gets it in the current ring at once
         self._restored_buffer = state_dict.get("buffer", {})
         self.buffer.clear()
+        if self._spec is not None and self.inactive_reason is None:
+            restored, self._restored_buffer = self._restored_buffer, None
+            snaps = restored.get("snapshots", [])
+            spec, names = self._spec, self._dyn.state_names
+            if snaps and snaps[-1]["weights"].numel() == spec.numel and set(snaps[-1].get("state", {})) == set(names):
+                self.buffer.load_state_dict(restored)
         self.jumps = [JumpRecord(**j) for j in state_dict.get("jumps", [])]
         self._last_step = state_dict.get("last_step", -1)
         self._epoch_start_step = state_dict.get("epoch_start_step", 0)
@@ -1063,6 +1095,16 @@ class _LogCapture:
     def log_dict(self, dictionary: dict, *args, batch_size: int | None = None, **kwargs) -> None:
         for name, value in dictionary.items():
             self.add(name, value, batch_size)
+
+
+def _min_over_ranks(value: int | None, device: torch.device) -> int | None:
+    """The smallest ``value`` over all ranks (``None`` if any rank does not know it); one small all-reduce."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([-1.0 if value is None else float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)  # -1 wins when a rank does not know
+    return None if float(t) < 0 else int(t)
 
 
 def _equal_rows(a: Tensor, b: Tensor, chunk: int = 1 << 20) -> bool:

@@ -301,7 +301,7 @@ def forecast(
     names = list(win.state)
     times = torch.tensor(horizons, dtype=torch.float64)
     shared_lr = bool((lr_tab == lr_tab[:, :1]).all())
-    held_ok = closed_form and solver == "rk4" and shared_lr and field.constant_output(torch.zeros(1)) is not None
+    held_ok = closed_form and solver == "rk4" and shared_lr and field.constant
     if held_ok and anchor < field.config.min_anchor:
         held_ok = False  # anchor_context raises the error
     cpu = torch.device(device or "cpu").type == "cpu"
@@ -335,7 +335,7 @@ def forecast(
         if not all(done):
             raise RuntimeError("The closed-form forecast applied to some chunks only.")
         first = n_out
-    features = field.constant_output(torch.zeros(1)) is None  # a constant field reads no network features
+    features = not field.constant  # a constant field reads no network features
     for lo in range(first, n_out, chunk_size):
         hi = min(lo + chunk_size, n_out)
         c = hi - lo

@@ -25,7 +25,7 @@ Example:
     (24, torch.float32, 1048576)
     >>> plan = plan_memory(n_params=10_000_000, n_states=2, window=24, budget_bytes=3 * 2**30)
     >>> plan.window, plan.dtype, plan.chunk_size
-    (8, torch.bfloat16, 524288)
+    (8, torch.bfloat16, 262144)
     >>> plan = plan_memory(n_params=10_000_000, n_states=2, window=24, budget_bytes=3 * 2**30, lean=True)
     >>> plan.window, plan.dtype
     (24, torch.float32)
@@ -85,6 +85,14 @@ class MemoryPlan:
         )
 
 
+def forecast_bytes(n_params: int, n_states: int, chunk_size: int, *, n_horizons: int = 4, hidden: int = 16) -> int:
+    """The part of :func:`estimate_bytes` that lives on the model's device: path, rollback copy, chunk work."""
+    rows = 1 + n_states
+    path = (n_horizons + 1) * rows * n_params * 4
+    work = (3 * hidden + 12 * rows) * min(chunk_size, n_params) * 4
+    return path + 2 * n_params * 4 + n_params * 8 + work
+
+
 def estimate_bytes(
     n_params: int,
     n_states: int,
@@ -119,7 +127,9 @@ def estimate_bytes(
         buffer = window * rows * p * item
         win = ((window * rows + window - 1) + window) * p * 4 + 6 * p * 4  # + roles, tensor, group index
     path = (n_horizons + 1) * rows * p * 4
-    rollback = p * 4  # the weights choose_and_apply restores
+    # the weights choose_and_apply restores; before it, the start moved onto the current weights (a row and its
+    # converted source); after it, a rolled-back forecast's scalar sample for the skill metric (int64)
+    rollback = 2 * p * 4 + p * 8
     work = (3 * hidden + 12 * rows) * min(chunk_size, p) * 4
     return dynamics + buffer + win + path + rollback + work
 
@@ -248,7 +258,9 @@ def available_bytes(device: str | torch.device = "cpu") -> int | None:
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        free = torch.cuda.mem_get_info(device)[0]
+        # blocks torch's caching allocator holds but does not use are free to this process too
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type != "cpu":
         return None
     found = [b for b in (_proc_meminfo_available(), _cgroup_headroom()) if b is not None]

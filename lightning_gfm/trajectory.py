@@ -135,8 +135,9 @@ class TrajectoryBuffer:
         self.clear()
         self._w, self._state = None, {}  # free before allocating the new ring
         kw = dict(device=self.device, dtype=self.dtype)
-        self._w = torch.empty(self.capacity, numel, **kw)
-        self._state = {name: torch.empty(self.state_rows, numel, **kw) for name in tuple(state_names)}
+        # zeros, not empty: the pages are written now, so memory that is not there fails here, not mid-run
+        self._w = torch.zeros(self.capacity, numel, **kw)
+        self._state = {name: torch.zeros(self.state_rows, numel, **kw) for name in tuple(state_names)}
 
     @property
     def allocated_bytes(self) -> int:

@@ -234,3 +234,32 @@ def test_a_resumed_window_goes_straight_into_the_planned_ring(tmp_path):
     tiny_trainer(tmp_path, [resumed, seen, _Steps()], max_steps=40).fit(DigitsModule(), ckpt_path=ckpt)
     assert restored["steps"] == steps and torch.equal(restored["state"], last_state)
     assert resumed.buffer.state_rows == 1 and seen.allocated == resumed.buffer.allocated_bytes
+
+
+def test_a_fitted_field_from_a_checkpoint_gets_the_full_layout(tmp_path):
+    fitted = GFMCallback(**PRIOR, fit_steps=10, fit_batch=512)
+    pl.seed_everything(0, verbose=False)
+    trainer = tiny_trainer(tmp_path, [fitted], max_steps=40)
+    trainer.fit(DigitsModule())
+    assert not fitted.field.constant
+    ckpt = tmp_path / "fitted.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = GFMCallback(**PRIOR)  # the prior's settings, but the checkpoint brings a fitted field
+    pl.seed_everything(0, verbose=False)
+    tiny_trainer(tmp_path, [resumed], max_steps=80).fit(DigitsModule(), ckpt_path=ckpt)
+    assert not resumed.field.constant and not resumed.memory_plan.lean
+    assert resumed.buffer.state_rows == resumed.buffer.capacity
+    assert len(resumed.jumps) > len(fitted.jumps)  # it forecast with the fitted field from a full window
+
+
+def test_a_callback_switched_off_in_one_fit_plans_afresh_in_the_next(tmp_path, monkeypatch):
+    cb = GFMCallback(**PRIOR)
+    monkeypatch.setattr(callback_module, "available_bytes", lambda device: 4000)
+    pl.seed_everything(0, verbose=False)
+    with pytest.warns(UserWarning, match="inactive for this run"):
+        tiny_trainer(tmp_path, [cb], max_steps=30).fit(DigitsModule())
+    assert cb.inactive_reason and cb.memory_plan is None
+    monkeypatch.undo()
+    pl.seed_everything(0, verbose=False)
+    tiny_trainer(tmp_path, [cb], max_steps=60).fit(DigitsModule())
+    assert cb.inactive_reason is None and cb.memory_plan is not None and cb.jumps

@@ -159,6 +159,11 @@ class GradientField(nn.Module):
         """Static part of the first layer, shape ``(B, hidden)`` from ``(B, n_static)``."""
         return self.static_in(static)
 
+    @property
+    def constant(self) -> bool:
+        """Whether the output cannot depend on the path (last layer's weight zero: the untrained prior)."""
+        return not bool(self.out.weight.any())
+
     def constant_output(self, g0_norm: Tensor) -> Tensor | None:
         """The output when it cannot depend on the path (last layer's weight zero, as in the untrained prior).
 
