@@ -205,8 +205,10 @@ class ForecastPath:
         Returns:
             This path.
         """
-        w = w.to(self.weights)
-        self.weights.sub_(self.weights[0].clone()).add_(w)
+        chunk = 1 << 20  # a chunk at a time: no model-sized copy of the start or of ``w`` (e.g. bfloat16)
+        for lo in range(0, self.weights.shape[1], chunk):
+            rows = self.weights[:, lo : lo + chunk]
+            rows.sub_(rows[0].clone()).add_(w[lo : lo + chunk].to(rows))
         return self
 
     @staticmethod

@@ -243,7 +243,13 @@ class GFMReporter:
         if total <= n:
             return None
         gen = torch.Generator().manual_seed(self.seed + salt)
-        return torch.randperm(total, generator=gen)[:n].sort().values
+        if total <= 1 << 22:
+            return torch.randperm(total, generator=gen)[:n].sort().values
+        # a large model: draw distinct indices without a model-sized permutation (int64, 8 bytes a scalar)
+        picked = torch.unique(torch.randint(total, (2 * n,), generator=gen))
+        while picked.numel() < n:
+            picked = torch.unique(torch.cat([picked, torch.randint(total, (n,), generator=gen)]))
+        return picked[torch.randperm(picked.numel(), generator=gen)[:n]].sort().values
 
     def _keep_for_skill(self, step: int, path: ForecastPath) -> None:
         weights = path.weights

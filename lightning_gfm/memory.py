@@ -12,7 +12,8 @@ their peak (a jump attempt):
   states and the velocities, ``(K (1 + S) + K - 1) P`` values, one ``(K, P)`` stack in flight, and indices;
 * the forecast path, ``(H + 1) (1 + S) P`` float32 values, and the copy of the weights a rollback restores;
 * the forecast's working set per chunk of ``C`` scalars (hidden activations, solver stages);
-* the dynamics' per-scalar tables (the param-group index, a hyperparameter that differs between groups).
+* the dynamics' per-scalar tables (the param-group index, a hyperparameter that differs between groups);
+* a fixed :data:`OVERHEAD` for the modules a forecast imports and GFM's Python objects.
 
 How much GFM may take, when the user does not say (:func:`default_budget`): at most a quarter of the memory
 available on the buffer's device when fit starts, and at most 8 times the training footprint of the tracked
@@ -25,7 +26,7 @@ Example:
     (24, torch.float32, 1048576)
     >>> plan = plan_memory(n_params=10_000_000, n_states=2, window=24, budget_bytes=3 * 2**30)
     >>> plan.window, plan.dtype, plan.chunk_size
-    (8, torch.bfloat16, 262144)
+    (7, torch.bfloat16, 524288)
     >>> plan = plan_memory(n_params=10_000_000, n_states=2, window=24, budget_bytes=3 * 2**30, lean=True)
     >>> plan.window, plan.dtype
     (24, torch.float32)
@@ -39,6 +40,10 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+#: what GFM takes whatever the model's size: the modules it imports when it first forecasts (torchdyn, scipy)
+#: and its Python objects, about 0.1-0.2 GiB of resident memory measured by ``benchmarks/memory.py``
+OVERHEAD = 256 << 20
 
 #: storage dtypes tried, best first: float32 keeps the recorded path exact, bfloat16 halves the buffer.
 DTYPES = (torch.float32, torch.bfloat16)
@@ -90,7 +95,7 @@ def forecast_bytes(n_params: int, n_states: int, chunk_size: int, *, n_horizons:
     rows = 1 + n_states
     path = (n_horizons + 1) * rows * n_params * 4
     work = (3 * hidden + 12 * rows) * min(chunk_size, n_params) * 4
-    return path + 2 * n_params * 4 + n_params * 8 + work
+    return path + n_params * 4 + work
 
 
 def estimate_bytes(
@@ -127,11 +132,9 @@ def estimate_bytes(
         buffer = window * rows * p * item
         win = ((window * rows + window - 1) + window) * p * 4 + 6 * p * 4  # + roles, tensor, group index
     path = (n_horizons + 1) * rows * p * 4
-    # the weights choose_and_apply restores; before it, the start moved onto the current weights (a row and its
-    # converted source); after it, a rolled-back forecast's scalar sample for the skill metric (int64)
-    rollback = 2 * p * 4 + p * 8
+    rollback = p * 4  # the weights choose_and_apply restores
     work = (3 * hidden + 12 * rows) * min(chunk_size, p) * 4
-    return dynamics + buffer + win + path + rollback + work
+    return OVERHEAD + dynamics + buffer + win + path + rollback + work
 
 
 def plan_memory(

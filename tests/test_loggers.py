@@ -219,3 +219,13 @@ def test_wandb_offline_gets_table_histograms_picture_and_scalars(tmp_path, monke
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), list(tmp_path.rglob("*"))
     assert any(runs[0].rglob("*.png"))  # the picture reached the run's files
+
+
+def test_skill_sample_of_a_large_model_is_distinct_sorted_and_seeded():
+    from lightning_gfm.loggers import GFMReporter
+
+    reporter = GFMReporter(seed=3)
+    total = (1 << 22) + 12345  # above the size where a full permutation is drawn
+    a, b = reporter._subset(1000, total, 7), reporter._subset(1000, total, 7)
+    assert torch.equal(a, b) and a.numel() == 1000 and a.unique().numel() == 1000
+    assert bool((a[1:] > a[:-1]).all()) and int(a[0]) >= 0 and int(a[-1]) < total
