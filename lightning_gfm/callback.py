@@ -169,8 +169,8 @@ class GFMCallback(pl.Callback):
         memory_budget: bytes GFM may use beyond the model and its optimizer: ``"auto"`` (default), an int, or
             a string such as ``"8GiB"`` or ``"500MB"``. ``"auto"`` is a quarter of the memory available on
             ``buffer_device`` when fit starts (shared by the processes of one host that record there), and at most
-            8 times the tracked parameters' training footprint (weights, gradients, optimizer state), with 1 GiB
-            allowed to any model where that quarter allows it (:func:`~lightning_gfm.memory.default_budget`).
+            10 times the tracked parameters' training footprint (weights, gradients, optimizer state) plus 0.25 GiB,
+            1 GiB allowed to any model where that quarter allows it (:func:`~lightning_gfm.memory.default_budget`).
             When fit starts, :func:`~lightning_gfm.memory.plan_memory` picks the largest plan within it (the
             full ``window`` in ``buffer_dtype``, else in bfloat16, else fewer snapshots, and a ``chunk_size`` no
             larger than asked), the buffer is allocated at once, and the plan is kept in ``memory_plan`` and

@@ -16,9 +16,12 @@ their peak (a jump attempt):
 * a fixed :data:`OVERHEAD` for the modules a forecast imports and GFM's Python objects.
 
 How much GFM may take, when the user does not say (:func:`default_budget`): at most a quarter of the memory
-available on the buffer's device when fit starts, and at most 8 times the training footprint of the tracked
-parameters (weights, gradients and optimizer state), with 1 GiB allowed for any model where a quarter of the
-available memory allows it. A plan is chosen before the first training step and its buffer allocated at once.
+available on the buffer's device when fit starts, and at most 10 times the training footprint of the tracked
+parameters (weights, gradients and optimizer state) plus the fixed :data:`OVERHEAD`, with 1 GiB allowed for any
+model where a quarter of the available memory allows it. 10 is about the smallest multiple at which every
+optimizer family keeps a useful window (a forecast holds ``H + 1`` float32 points of the weights and their
+optimizer state): at 10 snapshots in bfloat16 the lean layout takes 7-9 times the footprint. A plan is chosen
+before the first training step and its buffer allocated at once.
 
 Example:
     >>> plan = plan_memory(n_params=10_000_000, n_states=2, window=24, budget_bytes=12 * 2**30)
@@ -51,7 +54,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 #: the default bound: this fraction of the memory available on the buffer's device when fit starts ...
 DEFAULT_FRACTION = 0.25
 #: ... and at most this multiple of the tracked parameters' training footprint (weights, gradients, state) ...
-DEFAULT_MULTIPLE = 8
+DEFAULT_MULTIPLE = 10
 #: ... but never less than this for a small model (still within the fraction of what is available).
 DEFAULT_FLOOR = 1 << 30
 
@@ -289,9 +292,9 @@ def default_budget(
 ) -> tuple[int, str]:
     """The bytes GFM takes when the user sets no ``memory_budget``, and a sentence saying why.
 
-    ``min(fraction * available / sharing, max(floor, multiple * footprint))``: a quarter of what the device has
-    free (shared by the ``sharing`` processes that record on it, e.g. the DDP ranks of one host), and a small
-    multiple of what training the model already takes, with room for small models.
+    ``min(fraction * available / sharing, max(floor, multiple * footprint + OVERHEAD))``: a quarter of what the
+    device has free (shared by the ``sharing`` processes that record on it, e.g. the DDP ranks of one host), and a
+    small multiple of what training the model already takes, with room for small models.
 
     Args:
         footprint: training footprint of the tracked parameters (:func:`footprint_bytes`).
@@ -303,18 +306,21 @@ def default_budget(
         floor: bytes allowed for any model, when the available memory allows it.
 
     Example:
-        >>> budget, why = default_budget(footprint=400 * 2**20, available=16 * 2**30)
+        >>> budget, why = default_budget(footprint=400 * 2**20, available=64 * 2**30)
         >>> budget / 2**30, why
-        (3.125, 'default: min(25% of 16.00 GiB available, max(1.00 GiB, 8 x 0.39 GiB footprint))')
+        (4.15625, 'default: min(25% of 64.00 GiB available, max(1.00 GiB, 10 x 0.39 GiB footprint + 0.25 GiB))')
     """
     gib = 2**30
-    cap = max(floor, int(multiple * footprint))
+    cap = max(floor, int(multiple * footprint) + OVERHEAD)
     avail_text = "unknown available"
     if available is not None:
         share = int(fraction * available / max(1, sharing))
         cap = min(cap, share)
         avail_text = f"{fraction:.0%} of {available / gib:.2f} GiB available" + (f" / {sharing}" if sharing > 1 else "")
-    why = f"default: min({avail_text}, max({floor / gib:.2f} GiB, {multiple:g} x {footprint / gib:.2f} GiB footprint))"
+    why = (
+        f"default: min({avail_text}, max({floor / gib:.2f} GiB, {multiple:g} x {footprint / gib:.2f} GiB footprint"
+        f" + {OVERHEAD / gib:.2f} GiB))"
+    )
     return cap, why
 
 

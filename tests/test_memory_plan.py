@@ -11,7 +11,7 @@ from lightning_gfm.dynamics import dynamics_for
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.window import Window
 from lightning_gfm.forecast import forecast
-from lightning_gfm.memory import DEFAULT_FLOOR, default_budget, estimate_bytes, footprint_bytes
+from lightning_gfm.memory import DEFAULT_FLOOR, OVERHEAD, default_budget, estimate_bytes, footprint_bytes
 from lightning_gfm.params import ParamSpec
 from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
 
@@ -22,13 +22,13 @@ PRIOR = dict(record_every=2, jump_every=20, window=12, trend=4, eval_batches=2) 
 # ------------------------------------------------------------------------------------------ default budget
 def test_default_budget_quarter_of_available_binds_for_a_large_model():
     budget, why = default_budget(footprint=4 * GIB, available=16 * GIB)
-    assert budget == 4 * GIB  # 25 % of 16 GiB < 8 x 4 GiB
+    assert budget == 4 * GIB  # 25 % of 16 GiB < 10 x 4 GiB
     assert "25% of 16.00 GiB available" in why
 
 
 def test_default_budget_multiple_of_footprint_binds_on_a_big_machine():
     budget, _ = default_budget(footprint=GIB // 2, available=1024 * GIB)
-    assert budget == 4 * GIB  # 8 x 0.5 GiB < 25 % of 1 TiB
+    assert budget == 5 * GIB + OVERHEAD  # 10 x 0.5 GiB + the fixed overhead < 25 % of 1 TiB
 
 
 def test_default_budget_floor_for_small_models_but_never_above_the_fraction():
@@ -43,7 +43,7 @@ def test_default_budget_is_shared_by_the_processes_of_one_host():
 
 
 def test_unknown_available_memory_still_bounds_by_the_footprint():
-    assert default_budget(footprint=GIB, available=None)[0] == 8 * GIB
+    assert default_budget(footprint=GIB, available=None)[0] == 10 * GIB + OVERHEAD
 
 
 # -------------------------------------------------------------------------------------------- lean layout
