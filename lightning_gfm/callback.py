@@ -790,14 +790,6 @@ class GFMCallback(pl.Callback):
             k = decision.index
             opt = trainer.optimizers[0]
             apply_state_policy(opt, spec, self.optimizer_state, path, k)
-            dstate = None
-            if self.optimizer_state is StatePolicy.FORECAST:
-                dstate = {n: (v[k], v[0]) for n, v in path.state.items()}
-            # a forecaster's path may start elsewhere than the current weights: translate from the weights we left
-            self.buffer.shift_(path.weights[k], win.w[-1], dstate)
-            if self.optimizer_state is StatePolicy.RESET:
-                self.buffer.clear()
-                self._record(trainer, step)
         evaluated = list(zip(path.horizons[1:], decision.metrics, strict=False))
         if decision.metric_start is not None:
             evaluated.insert(0, (0, decision.metric_start))
@@ -815,6 +807,16 @@ class GFMCallback(pl.Callback):
         )
         self.jumps.append(record)
         self._log(trainer, record, path.branch(decision.index if accepted else None), win)
+        if accepted:  # after logging: a lean window is a view of the buffer, and the picture shows it as recorded
+            k = decision.index
+            dstate = None
+            if self.optimizer_state is StatePolicy.FORECAST:
+                dstate = {n: (v[k], v[0]) for n, v in path.state.items()}
+            # a forecaster's path may start elsewhere than the current weights: translate from the weights we left
+            self.buffer.shift_(path.weights[k], win.w[-1], dstate)
+            if self.optimizer_state is StatePolicy.RESET:
+                self.buffer.clear()
+                self._record(trainer, step)
 
     def _prior(self, device, trend: int | None = None) -> GradientField:
         config = self.prior_config if trend is None else dataclasses.replace(self.prior_config, trend=trend)
