@@ -295,10 +295,6 @@ def main(argv=None) -> None:
         print(write_report(args.results, args.doc))
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ------------------------------------------------------------------------------------------- held-out section
 HELDOUT_METHODS = ("gfm", "linear", "oracle", "ema", "fastforward", "lookahead", "gfm-pretrained")
 
@@ -325,29 +321,38 @@ def _fraction(gfm: float | None, oracle: float | None) -> str:
     return f"{gfm / oracle:.2f}"
 
 
+def summary_row(run: dict, baseline: dict, split: str = "dev") -> dict:
+    """The flat summary of one run against its baseline (same task and seed): a ``rows`` entry of the JSON.
+
+    ``split`` is used when the run does not name its own (results written before the splits existed).
+    """
+    jumps = run.get("jumps", [])
+    return {
+        "task": run["task"],
+        "split": run.get("split", split),
+        "method": run["method"],
+        "seed": run["seed"],
+        "steps_saved": _saved(run["steps_to_target"], baseline["steps_to_target"]),
+        "wall_saved": _saved(run["seconds_to_target"], baseline["seconds_to_target"]),
+        "final_test": run["final_metric"],
+        "baseline_final_test": baseline["final_metric"],
+        "reached": run["steps_to_target"] is not None,
+        "target": run.get("target"),
+        "steps_to_target": run["steps_to_target"],
+        "seconds_to_target": run["seconds_to_target"],
+        "max_steps": run.get("max_steps"),
+        "train_seconds": run.get("train_seconds"),
+        "wall_seconds": run.get("wall_seconds", 0.0),
+        "final_acc": run.get("final_acc"),
+        "jumps_accepted": sum(j["accepted"] for j in jumps),
+        "jumps_tried": len(jumps),
+    }
+
+
 def rows_from_runs(runs: list[dict], split: str = "dev") -> list[dict]:
     """Flat rows (as ``benchmarks.run`` writes them) from an older result that has ``runs`` only."""
     base = {(r["task"], r["seed"]): r for r in runs if r["method"] == "baseline"}
-    rows = []
-    for r in runs:
-        b = base.get((r["task"], r["seed"]))
-        if b is None:
-            continue
-        rows.append(
-            {
-                "task": r["task"],
-                "split": r.get("split", split),
-                "method": r["method"],
-                "seed": r["seed"],
-                "steps_saved": _saved(r["steps_to_target"], b["steps_to_target"]),
-                "wall_saved": _saved(r["seconds_to_target"], b["seconds_to_target"]),
-                "final_test": r["final_metric"],
-                "baseline_final_test": b["final_metric"],
-                "reached": r["steps_to_target"] is not None,
-                "wall_seconds": r.get("wall_seconds", 0.0),
-            }
-        )
-    return rows
+    return [summary_row(r, base[r["task"], r["seed"]], split) for r in runs if (r["task"], r["seed"]) in base]
 
 
 def render_heldout(result: dict | None, report_command: str, dev: dict | None = None) -> str:
@@ -490,3 +495,7 @@ def write_heldout_section(results=DEFAULT_HELDOUT, doc=DEFAULT_DOC, dev_results=
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
     return doc
+
+
+if __name__ == "__main__":
+    main()

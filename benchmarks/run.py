@@ -42,7 +42,7 @@ import torch
 
 from benchmarks.competitors import FastForward, Lookahead
 from benchmarks.methods import JUMP_METHODS, METHODS, TimedGFM, WeightRecorder, make_callbacks, measured_net
-from benchmarks.report import _saved, write_heldout_section, write_report
+from benchmarks.report import summary_row, write_heldout_section, write_report
 from benchmarks.suite import SPLITS, TASKS, tasks_in
 from benchmarks.tasks import QUICK_TASKS, Task
 from lightning_gfm import GFMCallback
@@ -203,31 +203,6 @@ def run_one(
     return run, recorder
 
 
-def row(run: dict, baseline: dict) -> dict:
-    """The flat summary of one run against its baseline (same task and seed): the held-out JSON's ``rows``."""
-    jumps = run["jumps"]
-    return {
-        "task": run["task"],
-        "split": run["split"],
-        "method": run["method"],
-        "seed": run["seed"],
-        "steps_saved": _saved(run["steps_to_target"], baseline["steps_to_target"]),
-        "wall_saved": _saved(run["seconds_to_target"], baseline["seconds_to_target"]),
-        "final_test": run["final_metric"],
-        "baseline_final_test": baseline["final_metric"],
-        "reached": run["steps_to_target"] is not None,
-        "target": run["target"],
-        "steps_to_target": run["steps_to_target"],
-        "seconds_to_target": run["seconds_to_target"],
-        "max_steps": run["max_steps"],
-        "train_seconds": run["train_seconds"],
-        "wall_seconds": run["wall_seconds"],
-        "final_acc": run["final_acc"],
-        "jumps_accepted": sum(j["accepted"] for j in jumps),
-        "jumps_tried": len(jumps),
-    }
-
-
 def command_line(quick: bool, tasks, methods, seeds, out, threads: int = 1, splits=None) -> str:
     parts = ["python", "-m", "benchmarks.run"] + (["--quick"] if quick else [])
     if splits and list(tasks) == tasks_in(*splits, quick=quick):
@@ -323,7 +298,7 @@ def run_benchmark(
         if method == "baseline":
             baselines[seed, task] = run
         result["runs"].append(run)
-        result["rows"].append(row(run, baselines[seed, task]))
+        result["rows"].append(summary_row(run, baselines[seed, task]))
         out.write_text(json.dumps(result, indent=1))
         measured[task, method] = run["wall_seconds"]
         speed.append(run["wall_seconds"] / estimate[task, method])

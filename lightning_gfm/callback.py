@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_gfm.distributed import Shard, agree, exchange, fit_message_size
+from lightning_gfm.distributed import Shard, agree, exchange, fit_message_size, min_over_ranks
 from lightning_gfm.dynamics import (
     calls_needed,
     dynamics_for,
@@ -469,10 +469,10 @@ class GFMCallback(pl.Callback):
             if self.memory_budget == "auto":
                 item = local(spec.params[0]).element_size()
                 footprint = footprint_bytes(spec.numel, len(names), item)
-                available = _min_over_ranks(available_bytes(self.buffer_device), spec.device)
+                available = min_over_ranks(available_bytes(self.buffer_device), spec.device)
                 budget, source = default_budget(footprint, available, sharing=self._sharing)
                 if spec.device.type != self.buffer_device.type:  # the path and its rollback live on the model's
-                    room = _min_over_ranks(available_bytes(spec.device), spec.device)
+                    room = min_over_ranks(available_bytes(spec.device), spec.device)
                     need = forecast_bytes(spec.numel, len(names), min(chunk, 1 << 20), **sizes)
                     if room is not None and need > DEFAULT_FRACTION * room:
                         self._switch_off(
@@ -1097,16 +1097,6 @@ class _LogCapture:
     def log_dict(self, dictionary: dict, *args, batch_size: int | None = None, **kwargs) -> None:
         for name, value in dictionary.items():
             self.add(name, value, batch_size)
-
-
-def _min_over_ranks(value: int | None, device: torch.device) -> int | None:
-    """The smallest ``value`` over all ranks (``None`` if any rank does not know it); one small all-reduce."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    t = torch.tensor([-1.0 if value is None else float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)  # -1 wins when a rank does not know
-    return None if float(t) < 0 else int(t)
 
 
 def _equal_rows(a: Tensor, b: Tensor, chunk: int = 1 << 20) -> bool:

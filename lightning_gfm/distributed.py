@@ -89,6 +89,20 @@ def agree(ok: bool, group: Any = None, device: torch.device | str = "cpu") -> bo
     return n_failed == 0
 
 
+def min_over_ranks(value: int | None, device: torch.device | str = "cpu", group: Any = None) -> int | None:
+    """The smallest ``value`` over all ranks (``None`` if any rank does not know it); one small all-reduce.
+
+    Example:
+        >>> min_over_ranks(7), min_over_ranks(None)  # without a process group: this rank's own value
+        (7, None)
+    """
+    if _world(group)[1] <= 1:
+        return value
+    t = torch.tensor([-1.0 if value is None else float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)  # -1 wins when a rank does not know
+    return None if float(t) < 0 else int(t)
+
+
 def average_gradients(module: nn.Module, stop: bool = False, group: Any = None) -> tuple[bool, int]:
     """Average ``module``'s gradients over ranks in place, in one collective, and agree on stopping.
 
