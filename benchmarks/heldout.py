@@ -450,7 +450,7 @@ def _mnist1d_sgd(seed: int, max_steps: int) -> BenchModule:
 
 
 def _quick(max_steps: int = 120, val_every: int = 20) -> Budget:
-    return Budget(max_steps, val_every, JumpSchedule())
+    return Budget(max_steps, val_every, JumpSchedule(budget=False))
 
 
 _TASKS = [

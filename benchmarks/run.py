@@ -183,10 +183,16 @@ def run_one(
                     "metric_after": j.metric_after,
                     "backtest_fitted": j.backtest_fitted,
                     "backtest_prior": j.backtest_prior,
+                    "candidates": j.candidates,
+                    "settle_steps": j.settle_steps,
+                    "settle_kept": j.settle_kept,
+                    "settled": j.settled,
+                    "settle_reference": j.settle_reference,
                 }
                 for j in cb.jumps
             ]
             run["record_seconds"] = cb.record_seconds
+            run["attempts_skipped"] = cb.budget.skipped
             run["buffer_bytes"] = cb.buffer.nbytes
         if isinstance(cb, TimedGFM):
             run["forecasts"] = [{"scalars": p, "seconds": s} for p, s in cb.forecasts]

@@ -36,7 +36,7 @@ from lightning_gfm.dynamics import (
 from lightning_gfm.fields import load_field, resolve_field, save_field
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import fit_field
-from lightning_gfm.flow.ode import SOLVERS
+from lightning_gfm.flow.ode import SOLVERS, _torchdyn
 from lightning_gfm.flow.window import Window, shard_sums_size
 from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
 from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
@@ -52,7 +52,11 @@ from lightning_gfm.memory import (
     plan_memory,
 )
 from lightning_gfm.params import ParamSpec, local
+from lightning_gfm.settle import AttemptBudget, Settled, TrainingState, settle_and_choose
 from lightning_gfm.trajectory import TrajectoryBuffer
+
+#: landed candidates settled when none wins where it lands (the best two: a second chance at half the cost)
+SETTLED_CANDIDATES = 2
 
 #: strategies GFM refuses at setup, and why (docs/distributed.md has the support matrix and the per-shard design)
 _UNSUPPORTED_STRATEGIES = {
@@ -129,6 +133,17 @@ class GFMCallback(pl.Callback):
         min_delta: relative improvement over staying put a jump must show (``0.01`` = 1 %). (A forecaster whose
             path starts elsewhere than the current weights, see :meth:`forecast_path`, must also beat its start.)
         eval_batches: validation batches used for each evaluation (fixed for the whole fit, cached on device).
+        settle: when no candidate beats staying put where it lands, train the no-jump reference and the two
+            best landed candidates this many optimizer steps each on the same fresh training batches and judge
+            them there (a forecast that overshoots in a few stiff directions spikes the loss, and a few steps
+            repair it; :mod:`~lightning_gfm.settle`). The winner keeps its settling steps; the other branches are
+            rolled back bit-exactly; the scheduler and ``global_step`` do not move. ``0`` (default) judges where
+            candidates land: on the dev tasks, within the ``overhead`` budget, settling was never affordable, and
+            without the budget it saved fewer steps (docs/experiments.md, E41).
+        overhead: share of the planned training time GFM may spend on recording and attempts, beyond the time
+            its accepted jumps saved (``0.03`` = 3 %, :class:`~lightning_gfm.settle.AttemptBudget`): an attempt
+            or a settling predicted to exceed it is skipped, so a run GFM cannot speed up loses about this much.
+            ``None``: no limit.
         optimizer_state: after an accepted jump, take the ``"forecast"`` optimizer state the ODE carried (the
             default: best test loss with Adam in ``benchmarks/state_policy.py``, no difference with SGD momentum),
             ``"keep"`` the anchor's moments, or ``"reset"`` them.
@@ -202,6 +217,8 @@ class GFMCallback(pl.Callback):
         mode: Literal["min", "max"] = "min",
         min_delta: float = 0.0,
         eval_batches: int = 4,
+        settle: int = 0,
+        overhead: float | None = 0.03,
         optimizer_state: Literal["forecast", "keep", "reset"] = "forecast",
         field: str | None = None,
         fit_steps: int = 0,
@@ -243,6 +260,16 @@ class GFMCallback(pl.Callback):
             _check_int("horizon", horizon, 1)
         _check_int("n_candidates", n_candidates, 1)
         _check_int("eval_batches", eval_batches, 1)
+        _check_int("settle", settle, 0)
+        if overhead is not None and not (
+            isinstance(overhead, int | float)
+            and not isinstance(overhead, bool)
+            and math.isfinite(overhead)
+            and overhead >= 0
+        ):
+            raise ValueError(
+                f"`overhead` must be a finite number >= 0 (a share of the run's time) or None, got {overhead!r}."
+            )
         _check_int("fit_steps", fit_steps, 0)
         _check_int("fit_batch", fit_batch, 1)
         _check_int("backtest", backtest, 0)
@@ -316,6 +343,9 @@ class GFMCallback(pl.Callback):
         self.mode = mode
         self.min_delta = float(min_delta)
         self.eval_batches = eval_batches
+        self.settle = settle
+        #: the do-no-harm rule (:class:`~lightning_gfm.settle.AttemptBudget`); ``budget.skipped`` counts skips.
+        self.budget = AttemptBudget(overhead)
         self.field_path = None if field is None else os.fspath(field)
         self.fit_steps = fit_steps
         self.fit_batch = fit_batch
@@ -355,6 +385,10 @@ class GFMCallback(pl.Callback):
         self._hyper: tuple | None = None  # the param groups' hyperparameters the dynamics were built from
         self._no_params = False  # the optimizer holds no trainable parameter right now: nothing to record
         self._accumulation: int | None = None  # trainer.accumulate_grad_batches the schedule was derived for
+        self._clock: tuple[float, int] | None = None  # (perf_counter, global_step) when this fit's training began
+        self._spent = 0.0  # GFM's own seconds in this fit (recording and attempts), against the budget
+        self._attempt_cost = 0.0  # wall-clock of the last attempt's forecast and landing evaluation
+        self._settle_iter: Any = None  # a private pass over the training data for settling batches
 
     # ------------------------------------------------------------------ when
     def should_record(self, step: int) -> bool:
@@ -436,6 +470,7 @@ class GFMCallback(pl.Callback):
                 self.field = load_field(self.field_path) if self.field_path else GradientField(self.field_config)
         self.field.to(device)
         self.field_config = self.field.config
+        _torchdyn()  # import the integrator now: a one-time cost, not an attempt's (the budget predicts from those)
         self._field_opt = torch.optim.Adam(self.field.parameters(), lr=3e-3)
         self._eval_cache = None
         if self._pending is not None:
@@ -465,7 +500,7 @@ class GFMCallback(pl.Callback):
             # do the ranks' slices with the gathered path under DDP
             joined = bool(self.branch_trends) or self._world > 1
             n_points = self.n_candidates * (1 + len(self.branch_trends)) * (2 if joined else 1)
-            sizes = dict(n_horizons=n_points, hidden=self.field_config.hidden)
+            sizes = dict(n_horizons=n_points, hidden=self.field_config.hidden, settle=bool(self.settle))
             if self.memory_budget == "auto":
                 item = local(spec.params[0]).element_size()
                 footprint = footprint_bytes(spec.numel, len(names), item)
@@ -517,6 +552,11 @@ class GFMCallback(pl.Callback):
         self.buffer = TrajectoryBuffer(2, device=self.buffer_device, dtype=self.buffer_dtype)
         rank_zero_warn(f"GFMCallback is inactive for this run: {why} Training continues without GFM.")
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start the clock the do-no-harm budget measures the run's own step time with."""
+        self._clock, self._spent, self._settle_iter = (time.perf_counter(), trainer.global_step), 0.0, None
+        self._attempt_cost = 0.0
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remember where the epoch started (epoch-interval schedulers step at epoch ends)."""
         self._epoch_start_step = trainer.global_step
@@ -547,7 +587,9 @@ class GFMCallback(pl.Callback):
         # one copy, into the ring; a re-plan at a new layout may have switched GFM off
         if not self._no_params and self.inactive_reason is None:
             self.buffer.record(trainer.optimizers[0], self._spec, self._dyn.state_names, step)
-        self.record_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.record_seconds += seconds
+        self._spent += seconds
 
     def _follow_layout(self, trainer: pl.Trainer) -> None:
         """Rebuild the tracked-parameter spec and the dynamics when the optimizer's trainable layout changed.
@@ -754,7 +796,17 @@ class GFMCallback(pl.Callback):
 
     def _jump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         start = time.perf_counter()
+        try:
+            self._attempt(trainer, pl_module, step, start)
+        finally:
+            self._spent += time.perf_counter() - start
+
+    def _attempt(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, start: float) -> None:
         spec, dyn = self._spec, self._dyn
+        # do no harm: an attempt the budget cannot afford is skipped before any work (the last one's cost predicts)
+        if not self._affordable(trainer, pl_module, self._attempt_cost, start):
+            self.budget.skipped += 1
+            return
         shard = Shard.current(spec.numel, pl_module.device, owned=True) if spec.sharded else None
         if shard is not None and shard.active:  # per-tensor scales over all ranks' shards, in one collective
             with shard.phase("window", shard_sums_size(len(self.buffer), len(spec.params))):
@@ -767,56 +819,209 @@ class GFMCallback(pl.Callback):
         horizons = self._horizons(trainer, step, win)
         if not horizons:
             return
+        tick = time.perf_counter()
+        before = self._evaluate(trainer, pl_module)
+        eval_seconds = time.perf_counter() - tick
+        if not self._attempt_cost:  # a first attempt: its evaluations predict its cost (screens, then two in full)
+            n_points = len(horizons) * (1 + len(self.branch_trends))
+            predicted = ((n_points + 1) / self.eval_batches + SETTLED_CANDIDATES) * eval_seconds
+            if not self._affordable(trainer, pl_module, predicted, start):
+                self.budget.skipped += 1
+                return
         with _cpu_threads(self.num_threads, pl_module.device):
             path, info = self.forecast_path(trainer, pl_module, win, horizons)
         moved_start = not _equal_rows(path.weights[0], win.w[-1])
         if shard is not None and shard.active:  # each rank sees its own shard: evaluate the start if any moved
             moved_start = not agree(not moved_start, device=pl_module.device)
+        opt = trainer.optimizers[0]
         decision = choose_and_apply(
             spec,
             path,
             lambda: self._evaluate(trainer, pl_module),
             mode=self.mode,
             min_delta=self.min_delta,
+            metric_before=before,
             evaluate_start=moved_start,
             start_is_candidate=False,  # denoising alone is undone by training (docs/experiments.md, E7-E8)
+            # successive halving: every candidate on one batch, the best two on all of them
+            screen=(lambda: self._evaluate(trainer, pl_module, n=1)) if self.eval_batches > 1 else None,
+            keep=SETTLED_CANDIDATES,
         )
+        self._attempt_cost = time.perf_counter() - start
+        settled = None
+        if decision.outcome is JumpOutcome.ROLLED_BACK and self._can_settle(trainer, spec):
+            settled = self._settle(trainer, pl_module, path, decision, step, start, eval_seconds)
         if spec.sharded:
             _reshard(pl_module)  # the next forward must gather the shards just written, not reuse stale ones
             self._check_same_decision(trainer, decision.index)
         self._sync_weights(trainer)
-        accepted = decision.outcome is JumpOutcome.ACCEPTED
+        index = decision.index if settled is None else settled.index
+        accepted = decision.outcome is JumpOutcome.ACCEPTED or index is not None
+        if decision.outcome is JumpOutcome.ACCEPTED:
+            apply_state_policy(opt, spec, self.optimizer_state, path, index)
         if accepted:
-            k = decision.index
-            opt = trainer.optimizers[0]
-            apply_state_policy(opt, spec, self.optimizer_state, path, k)
-        evaluated = list(zip(path.horizons[1:], decision.metrics, strict=False))
+            self.budget.earn(path.horizons[index])
+        if settled is not None:
+            self.budget.earn(settled.kept)  # the kept branch's settling steps are the run's progress too
+        evaluated = [
+            (h, m)
+            for h, m in zip(path.horizons[1:], decision.metrics, strict=False)
+            if not (decision.screened and math.isnan(m))  # points the screen dropped were not evaluated in full
+        ]
         if decision.metric_start is not None:
             evaluated.insert(0, (0, decision.metric_start))
         record = JumpRecord(
             step=step,
-            horizon=path.horizons[decision.index] if accepted else 0,
-            trend=path.branches[decision.index] if accepted and path.branches else 0,
+            horizon=path.horizons[index] if accepted else 0,
+            trend=path.branches[index] if accepted and path.branches else 0,
             accepted=accepted,
             metric_before=decision.metric_before,
-            metric_after=decision.metric_after,
-            outcome=decision.outcome.value,
+            metric_after=decision.metric_after if settled is None else settled.metric,
+            outcome=JumpOutcome.ACCEPTED.value if accepted else decision.outcome.value,
             seconds=time.perf_counter() - start,
             candidates=evaluated,
+            screened=[(h, m) for h, m in zip(path.horizons[1:], decision.screened, strict=False)],
             **info,
         )
+        if settled is not None:
+            record.settle_steps, record.settle_kept = settled.steps, settled.kept
+            record.settled = [(path.horizons[k], mid, end) for k, mid, end in settled.candidates]
+            record.settle_reference = settled.reference[1]
         self.jumps.append(record)
-        self._log(trainer, record, path.branch(decision.index if accepted else None), win)
-        if accepted:  # after logging: a lean window is a view of the buffer, and the picture shows it as recorded
+        self._log(trainer, record, path.branch(index if accepted else None), win)
+        # after logging: a lean window is a view of the buffer, and the picture shows it as recorded
+        if settled is not None:  # the weights moved by the settling steps (and the jump): the window moves along
+            self.buffer.shift_(spec.flatten().to(self.buffer.device), win.w[-1])
+        elif accepted:
             k = decision.index
             dstate = None
             if self.optimizer_state is StatePolicy.FORECAST:
                 dstate = {n: (v[k], v[0]) for n, v in path.state.items()}
             # a forecaster's path may start elsewhere than the current weights: translate from the weights we left
             self.buffer.shift_(path.weights[k], win.w[-1], dstate)
-            if self.optimizer_state is StatePolicy.RESET:
-                self.buffer.clear()
-                self._record(trainer, step)
+        if accepted and self.optimizer_state is StatePolicy.RESET:
+            self.buffer.clear()
+            self._record(trainer, step)
+
+    # -------------------------------------------------------------- settling
+    def _step_seconds(self, trainer: pl.Trainer, now: float) -> float:
+        """Mean wall-clock of one of this fit's optimizer steps, GFM's own time left out (NaN before the first)."""
+        if self._clock is None:
+            return float("nan")
+        clock, step0 = self._clock
+        steps = trainer.global_step - step0
+        return (now - clock - self._spent) / steps if steps > 0 else float("nan")
+
+    def _affordable(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predicted: float, start: float) -> bool:
+        """Whether the do-no-harm budget allows ``predicted`` more seconds now (the same answer on every rank)."""
+        if self.budget.overhead is None:
+            return True
+        now = time.perf_counter()
+        step_seconds = self._step_seconds(trainer, start)
+        planned = self._total_steps(trainer) or trainer.global_step
+        spent = self._spent + (now - start)
+        ok = not math.isfinite(step_seconds) or self.budget.allows(
+            predicted, step_seconds=step_seconds, planned_steps=planned, spent=spent
+        )
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ok = agree(ok, device=pl_module.device)
+        return ok
+
+    def _can_settle(self, trainer: pl.Trainer, spec: ParamSpec) -> bool:
+        """Whether this run can settle candidates.
+
+        Settling takes private optimizer steps: not with a gradient scaler (its state would move too), nor with
+        sharded parameters or several training loaders (not implemented).
+        """
+        if not self.settle or spec.sharded or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return False
+        return not isinstance(trainer.train_dataloader, list | tuple | dict)
+
+    def _settle(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        path: ForecastPath,
+        decision: Any,
+        step: int,
+        start: float,
+        eval_seconds: float,
+    ) -> Settled | None:
+        """Judge the best landed candidates after ``settle`` optimizer steps against the settled reference."""
+        best = decision.ranking(self.mode)[:SETTLED_CANDIDATES]  # the best landed: in full, else by the screen
+        order = sorted(best, key=lambda k: -path.horizons[k])  # the farther first
+        if not order:
+            return None
+        steps = self.settle
+        # the reference and each candidate: their steps, an evaluation half-way and one at the end
+        predicted = (1 + len(order)) * (steps * self._step_seconds(trainer, start) + 2 * eval_seconds)
+        if not self._affordable(trainer, pl_module, predicted, start):
+            self.budget.skipped += 1
+            return None
+        opt, spec = trainer.optimizers[0], self._spec
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # dropout and shuffling in branches: not the user's stream
+            torch.manual_seed(self.seed + step)
+            batches = self._settle_batches(trainer, steps)
+
+            def land(k: int) -> None:
+                spec.write_(path.weights[k].to(spec.device))
+                apply_state_policy(opt, spec, self.optimizer_state, path, k)
+
+            with _quiet_evaluation(pl_module, train=True):
+                return settle_and_choose(
+                    order,
+                    land=land,
+                    step=lambda i: self._private_step(trainer, pl_module, opt, batches[i]),
+                    evaluate=lambda: self._evaluate(trainer, pl_module),
+                    capture=lambda: TrainingState.capture(pl_module, opt, spec.tensors),
+                    restore=lambda state: state.restore(pl_module, opt, spec.tensors),
+                    steps=steps,
+                    mode=self.mode,
+                    min_delta=self.min_delta,
+                )
+
+    def _settle_batches(self, trainer: pl.Trainer, steps: int) -> list[list[Any]]:
+        """Training batches for ``steps`` optimizer steps (``accumulate_grad_batches`` each).
+
+        From a private pass over the training data (the run's own pass is untouched), on the model's device and
+        converted as the loop sends them.
+        """
+        loader = trainer.train_dataloader
+        out = []
+        for _ in range(steps):
+            micro = []
+            for _ in range(trainer.accumulate_grad_batches):
+                batch = next(self._settle_iter, None) if self._settle_iter is not None else None
+                if batch is None:  # first use, or the private pass reached its end: start another
+                    self._settle_iter = iter(loader)
+                    batch = next(self._settle_iter, None)
+                    if batch is None:
+                        raise ValueError("GFMCallback found no training batch to settle candidates on.")
+                batch = trainer.strategy.batch_to_device(batch)
+                micro.append(trainer.precision_plugin.convert_input(batch))
+            out.append(micro)
+        return out
+
+    def _private_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: torch.optim.Optimizer, micro: list[Any]
+    ) -> None:
+        """One optimizer step as the loop takes it, without its counters.
+
+        The forward goes through the strategy (DDP averages the gradients), the loss is divided over the accumulated
+        batches, and the run's gradient clipping applies.
+        """
+        opt.zero_grad(set_to_none=True)
+        for i, batch in enumerate(micro):
+            out = trainer.strategy.training_step(batch, i)
+            loss = out["loss"] if isinstance(out, dict) else out
+            if loss is not None:
+                (loss / len(micro)).backward()
+        pl_module.configure_gradient_clipping(
+            opt, gradient_clip_val=trainer.gradient_clip_val, gradient_clip_algorithm=trainer.gradient_clip_algorithm
+        )
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     def _prior(self, device, trend: int | None = None) -> GradientField:
         config = self.prior_config if trend is None else dataclasses.replace(self.prior_config, trend=trend)
@@ -877,10 +1082,12 @@ class GFMCallback(pl.Callback):
         return self._eval_cache
 
     @torch.no_grad()
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n: int | None = None) -> float:
+        """The monitored metric of the weights in the model, on the cached batches (the first ``n`` of them)."""
         if self._spec is not None and self._spec.sharded:
             _reshard(pl_module)  # FSDP2 would reuse the parameters it gathered for the previous candidate
         batches, step_name = self._eval_data(trainer, pl_module)
+        batches = batches if n is None else batches[:n]
         total = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
         plugin = trainer.precision_plugin
         context = plugin.val_step_context() if step_name == "validation_step" else plugin.train_step_context()
@@ -958,6 +1165,7 @@ class GFMCallback(pl.Callback):
             "last_step": self._last_step,
             "epoch_start_step": self._epoch_start_step,
             "record_seconds": self.record_seconds,
+            "budget": self.budget.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -985,6 +1193,7 @@ class GFMCallback(pl.Callback):
         self._last_step = state_dict.get("last_step", -1)
         self._epoch_start_step = state_dict.get("epoch_start_step", 0)
         self.record_seconds = state_dict.get("record_seconds", 0.0)
+        self.budget.load_state_dict(state_dict.get("budget", {}))
         self._pending = state_dict
 
     def _apply_pending(self, device) -> None:
@@ -1143,8 +1352,11 @@ def _cpu_threads(n: int | None, device: torch.device):
 
 
 @contextlib.contextmanager
-def _quiet_evaluation(module: pl.LightningModule):
-    """Eval mode, logging captured, torchmetrics states saved; everything restored on exit."""
+def _quiet_evaluation(module: pl.LightningModule, train: bool = False):
+    """Eval mode (unless ``train``), logging captured, torchmetrics states saved; everything restored on exit.
+
+    Nests: an inner one hands logging back to the outer one's capture.
+    """
     from torchmetrics import Metric
 
     modes = {m: m.training for m in module.modules()}
@@ -1160,12 +1372,16 @@ def _quiet_evaluation(module: pl.LightningModule):
                 m._computed,
             )
     capture = _LogCapture()
+    outer = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
     module.log, module.log_dict = capture.log, capture.log_dict
-    module.eval()
+    if not train:
+        module.eval()
     try:
         yield capture
     finally:
         del module.log, module.log_dict
+        for name, fn in outer.items():
+            setattr(module, name, fn)
         for m, training in modes.items():
             m.training = training
         for m, (state, count, computed) in metric_states.items():

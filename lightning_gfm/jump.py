@@ -54,12 +54,19 @@ class JumpRecord:
         metric_after: monitored metric after the decision (equals ``metric_before`` when rolled back).
         outcome: the reason, a :class:`JumpOutcome` value.
         seconds: wall-clock of fitting, forecasting and evaluating.
-        candidates: ``(horizon, metric)`` of every evaluated point (path by path when several were joined).
+        candidates: ``(horizon, metric)`` of every point evaluated in full (path by path when several were joined).
+        screened: ``(horizon, metric on the first evaluation batch)`` of every point, when candidates were screened
+            (``eval_batches > 1`` and more candidates than are evaluated in full); else empty.
         fit_loss: flow-matching loss of the field after this jump's fit (NaN when not fitted).
         backtest_fitted: backtest relative error of the fitted field (1.0 = standing still; NaN when off).
         backtest_prior: the same for the prior (constant-gradient) field; the better of the two forecasts.
         trend: when the forecast joined several trend lines (``GFMCallback(branch_trends=...)``), the length of
             the one the chosen point came from (0 when nothing was applied, or for a single forecast).
+        settle_steps: private optimizer steps taken to settle the reference and candidates (0: judged where it
+            landed); ``settle_kept`` of them are the kept branch's, progress the run keeps.
+        settle_kept: see ``settle_steps``.
+        settled: ``(horizon, metric half-way, metric settled)`` of each settled candidate (NaN: stopped early).
+        settle_reference: the settled no-jump reference's metric (NaN when nothing was settled).
     """
 
     step: int
@@ -74,6 +81,11 @@ class JumpRecord:
     backtest_fitted: float = float("nan")
     backtest_prior: float = float("nan")
     trend: int = 0
+    screened: list[tuple[int, float]] = field(default_factory=list)
+    settle_steps: int = 0
+    settle_kept: int = 0
+    settled: list[tuple[int, float, float]] = field(default_factory=list)
+    settle_reference: float = float("nan")
 
 
 @dataclass
@@ -84,9 +96,12 @@ class Decision:
         index: index of the applied point of the path, ``None`` when rolled back (``0``: the path's start,
             when it is not the current weights, e.g. a denoised anchor).
         metric_before: metric at the current weights.
-        metrics: metric of each path point after the start (NaN for non-finite points).
+        metrics: metric of each path point after the start (NaN for non-finite points, and for points the screen
+            dropped).
         outcome: the reason.
         metric_start: metric of the path's start when it was evaluated, else ``None``.
+        screened: with a screen, each point's screening metric (NaN for non-finite points); else empty.
+        screen_before: the screening metric at the current weights (NaN without a screen).
     """
 
     index: int | None
@@ -94,6 +109,22 @@ class Decision:
     metrics: list[float]
     outcome: JumpOutcome
     metric_start: float | None = None
+    screened: list[float] = field(default_factory=list)
+    screen_before: float = float("nan")
+
+    def ranking(self, mode: str = "min") -> list[int]:
+        """Path indices of the finite candidates, best first: those evaluated in full, then the screened rest.
+
+        Ties go to the farther point.
+        """
+        sign = 1.0 if mode == "min" else -1.0
+
+        def order(values: list[float], skip: set[int]) -> list[int]:
+            pairs = [(v, k + 1) for k, v in enumerate(values) if math.isfinite(v) and k + 1 not in skip]
+            return [k for _, k in sorted(pairs, key=lambda vk: (sign * vk[0], -vk[1]))]
+
+        full = order(self.metrics, set())
+        return full + order(self.screened, set(full))
 
     @property
     def metric_after(self) -> float:
@@ -121,6 +152,8 @@ def choose_and_apply(
     metric_before: float | None = None,
     evaluate_start: bool = False,
     start_is_candidate: bool = True,
+    screen: Callable[[], float] | None = None,
+    keep: int = 2,
 ) -> Decision:
     """Evaluate every point of ``path`` in place, then keep the best one or restore the weights bit-exactly.
 
@@ -137,6 +170,10 @@ def choose_and_apply(
         start_is_candidate: with ``evaluate_start``, whether the start may be chosen; if not, it is a second
             reference that a jump must beat as well as the current weights (what denoising alone buys is
             discounted, so that only progress along the path earns a jump).
+        screen: a cheaper metric (e.g. ``evaluate`` on one of its batches): with more than ``keep`` candidates,
+            every candidate is screened with it, and only the best ``keep`` are evaluated in full, and only if one
+            of them beats the current weights' screen (successive halving: a failing attempt costs its screen).
+        keep: candidates evaluated in full after the screen.
 
     Returns:
         The :class:`Decision`.
@@ -144,26 +181,39 @@ def choose_and_apply(
     saved = [p.detach().clone() for p in spec.tensors]  # local shards when sharded
     before = evaluate() if metric_before is None else metric_before
     finite = path.finite()
-    metrics = []
+    n = len(path.horizons) - 1
+    metrics = [float("nan")] * n
+    screened: list[float] = []
+    screen_before = float("nan")
     start_metric = None
     try:
         if evaluate_start and bool(finite[0]):
             spec.write_(path.weights[0].to(spec.device))
             start_metric = float(evaluate())
-        for h in range(1, len(path.horizons)):
-            if not bool(finite[h]):
-                metrics.append(float("nan"))
-                continue
+        full = [h for h in range(1, n + 1) if bool(finite[h])]
+        if screen is not None and len(full) > keep:
+            _restore(spec, saved)
+            screen_before = float(screen())
+            screened = [float("nan")] * n
+            for h in full:
+                spec.write_(path.weights[h].to(spec.device))
+                screened[h - 1] = float(screen())
+            sign = 1.0 if mode == "min" else -1.0
+            ranked = sorted((h for h in full if math.isfinite(screened[h - 1])), key=lambda h: sign * screened[h - 1])
+            full = ranked[:keep] if any(better(screened[h - 1], screen_before, mode, 0.0) for h in ranked) else []
+        for h in full:
             spec.write_(path.weights[h].to(spec.device))
-            metrics.append(float(evaluate()))
+            metrics[h - 1] = float(evaluate())
     except BaseException:
         _restore(spec, saved)
         raise
     first = None if start_metric is not None and not start_is_candidate else start_metric
     valid = [(m, k) for k, m in enumerate([first, *metrics]) if m is not None and math.isfinite(m)]
+    extra = dict(screened=screened, screen_before=screen_before)
     if not valid:
         _restore(spec, saved)
-        return Decision(None, before, metrics, JumpOutcome.NON_FINITE, start_metric)
+        outcome = JumpOutcome.ROLLED_BACK if any(math.isfinite(m) for m in screened) else JumpOutcome.NON_FINITE
+        return Decision(None, before, metrics, outcome, start_metric, **extra)
     # ties go to the farther point: the same metric for more steps saved
     best_metric, best = min(valid, key=lambda mk: (mk[0], -mk[1])) if mode == "min" else max(valid)
     bar = before
@@ -171,9 +221,9 @@ def choose_and_apply(
         bar = min(before, start_metric) if mode == "min" else max(before, start_metric)
     if better(best_metric, bar, mode, min_delta):
         spec.write_(path.weights[best].to(spec.device))
-        return Decision(best, before, metrics, JumpOutcome.ACCEPTED, start_metric)
+        return Decision(best, before, metrics, JumpOutcome.ACCEPTED, start_metric, **extra)
     _restore(spec, saved)
-    return Decision(None, before, metrics, JumpOutcome.ROLLED_BACK, start_metric)
+    return Decision(None, before, metrics, JumpOutcome.ROLLED_BACK, start_metric, **extra)
 
 
 @torch.no_grad()

@@ -88,21 +88,21 @@ def test_branches_agree_on_a_straight_line_and_part_on_a_bend():
 )
 def test_branch_trends_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        GFMCallback(**kwargs)
+        GFMCallback(overhead=None, **kwargs)
 
 
 def test_branch_trends_defaults():
     assert GFMCallback().branch_trends == ()  # off by default: it changed no crossing at the default reach (E39)
-    assert GFMCallback(branch_trends=[4, 2]).branch_trends == (4, 2)
-    assert GFMCallback(branch_trends=None).branch_trends == ()
-    assert GFMCallback(anchor="state").branch_trends == ()
+    assert GFMCallback(overhead=None, branch_trends=[4, 2]).branch_trends == (4, 2)
+    assert GFMCallback(overhead=None, branch_trends=None).branch_trends == ()
+    assert GFMCallback(overhead=None, anchor="state").branch_trends == ()
 
 
 def test_first_attempt_waits_for_backtest_snapshots_only_when_a_backtest_runs():
     # the prior: its trend line (min_anchor 7) + 1 + 2; a fitted field: + the 3 backtest snapshots
     assert GFMCallback().min_snapshots == 7 + 1 + 2
-    assert GFMCallback(fit_steps=5).min_snapshots == 7 + 3 + 2
-    assert GFMCallback(backtest=0, fit_steps=5).min_snapshots == 7 + 1 + 2
+    assert GFMCallback(overhead=None, fit_steps=5).min_snapshots == 7 + 3 + 2
+    assert GFMCallback(overhead=None, backtest=0, fit_steps=5).min_snapshots == 7 + 1 + 2
 
 
 def _fit(tmp_path, cb: GFMCallback, max_steps: int = 80):
@@ -117,13 +117,13 @@ def test_prior_and_fitted_field_reach_as_far_as_the_window_lets_them(tmp_path):
     # (4 steps) ahead for the prior as for a fitted field, though the prior fits nothing (E38); later attempts
     # reach further as the window grows: at step 40, 20 snapshots, 20 - 1 - 7 = 12 intervals
     for kwargs in ({}, {"fit_steps": 3, "backtest": 0}):
-        cb = GFMCallback(record_every=2, jump_every=20, eval_batches=2, branch_trends=(), **kwargs)
+        cb = GFMCallback(overhead=None, record_every=2, jump_every=20, eval_batches=2, branch_trends=(), **kwargs)
         _fit(tmp_path / str(len(kwargs)), cb)
         assert [(j.step, max(h for h, _ in j.candidates)) for j in cb.jumps[:2]] == [(20, 4), (40, 24)]
 
 
 def test_every_branch_is_evaluated_and_the_choice_is_recorded(tmp_path):
-    cb = GFMCallback(record_every=2, jump_every=20, eval_batches=2, n_candidates=3, branch_trends=(3,))
+    cb = GFMCallback(overhead=None, record_every=2, jump_every=20, eval_batches=2, n_candidates=3, branch_trends=(3,))
     seen = []
     original = cb._log
 
@@ -150,7 +150,7 @@ def test_every_branch_is_evaluated_and_the_choice_is_recorded(tmp_path):
 
 
 def test_no_branch_evaluates_one_path_from_the_current_weights(tmp_path):
-    cb = GFMCallback(record_every=2, jump_every=20, eval_batches=2, n_candidates=3, branch_trends=())
+    cb = GFMCallback(overhead=None, record_every=2, jump_every=20, eval_batches=2, n_candidates=3, branch_trends=())
     _fit(tmp_path, cb)
     assert [j.step for j in cb.jumps] == [20, 40, 60]
     for j, want in zip(cb.jumps, ([1, 2, 4], [6, 12, 24], [5, 10, 20]), strict=True):

@@ -44,7 +44,7 @@ FAST = dict(record_every=2, jump_every=20, window=12, trend=4, fit_steps=10, fit
 )
 def test_integer_arguments_are_checked(name, value):
     with pytest.raises(ValueError, match=rf"`{name}` must be an int >= \d+, got {value!r}"):
-        GFMCallback(**{name: value})
+        GFMCallback(overhead=None, **{name: value})
 
 
 @pytest.mark.parametrize(
@@ -57,8 +57,8 @@ def test_integer_arguments_are_checked(name, value):
 )
 def test_window_too_short_for_history_and_backtest(kwargs, minimum):
     with pytest.raises(ValueError, match=rf"`window` must be >= history \+ max\(backtest, 1\) \+ 2 = {minimum}"):
-        GFMCallback(**kwargs)
-    GFMCallback(**{**kwargs, "window": minimum})  # the bound itself is accepted
+        GFMCallback(overhead=None, **kwargs)
+    GFMCallback(overhead=None, **{**kwargs, "window": minimum})  # the bound itself is accepted
 
 
 @pytest.mark.parametrize(
@@ -73,8 +73,8 @@ def test_window_too_short_for_the_trend(kwargs, minimum):
     with pytest.raises(
         ValueError, match=rf"`window` must be >= max\(history, trend - 1\) \+ max\(backtest, 1\) \+ 2 = {minimum}"
     ):
-        GFMCallback(**kwargs)
-    GFMCallback(**{**kwargs, "window": minimum})  # the bound itself is accepted
+        GFMCallback(overhead=None, **kwargs)
+    GFMCallback(overhead=None, **{**kwargs, "window": minimum})  # the bound itself is accepted
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_window_too_short_for_the_trend(kwargs, minimum):
 )
 def test_anchor_trend_and_spacing_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        GFMCallback(**kwargs)
+        GFMCallback(overhead=None, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -113,19 +113,27 @@ def test_anchor_trend_and_spacing_are_checked(kwargs, message):
 )
 def test_other_arguments_are_checked(name, value, pattern):
     with pytest.raises(ValueError, match=pattern):
-        GFMCallback(**{name: value})
+        GFMCallback(overhead=None, **{name: value})
 
 
 def test_missing_field_file(tmp_path):
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(FileNotFoundError, match="`field` file not found"):
-        GFMCallback(field=missing)
+        GFMCallback(overhead=None, field=missing)
     with pytest.raises(FileNotFoundError, match="`field` file not found"):
-        GFMCallback(field=str(tmp_path))  # a directory is not a field file
+        GFMCallback(overhead=None, field=str(tmp_path))  # a directory is not a field file
 
 
 def test_valid_arguments_are_stored():
-    cb = GFMCallback(record_every=3, window=12, min_delta=0, fit_seconds=2, solver="euler", buffer_dtype=torch.bfloat16)
+    cb = GFMCallback(
+        overhead=None,
+        record_every=3,
+        window=12,
+        min_delta=0,
+        fit_seconds=2,
+        solver="euler",
+        buffer_dtype=torch.bfloat16,
+    )
     assert (cb.record_every, cb.window, cb.min_delta, cb.solver) == (3, 12, 0.0, "euler")
     assert isinstance(cb.min_delta, float) and cb.buffer.dtype == torch.bfloat16
 
@@ -154,7 +162,7 @@ class _Manual(DigitsModule):
 def test_manual_optimization_is_refused(tmp_path):
     pl.seed_everything(0, verbose=False)
     with pytest.raises(ValueError, match="GFMCallback needs automatic optimization"):
-        _fit(tmp_path, _Manual(), GFMCallback(**FAST))
+        _fit(tmp_path, _Manual(), GFMCallback(overhead=None, **FAST))
 
 
 class _TwoOptimizers(DigitsModule):
@@ -166,12 +174,12 @@ def test_two_optimizers_are_refused(tmp_path):
     pl.seed_everything(0, verbose=False)
     # Lightning itself refuses several optimizers under automatic optimization before GFM sees them ...
     with pytest.raises(RuntimeError, match="manual optimization"):
-        _fit(tmp_path, _TwoOptimizers(), GFMCallback(**FAST))
+        _fit(tmp_path, _TwoOptimizers(), GFMCallback(overhead=None, **FAST))
     # ... so GFM's own check is reached only by a trainer that got past that; it names the fix.
     model = _TwoOptimizers()
     trainer = SimpleNamespace(optimizers=model.configure_optimizers())
     with pytest.raises(ValueError, match="GFMCallback needs exactly one optimizer.*returned 2"):
-        GFMCallback(**FAST).on_fit_start(trainer, model)
+        GFMCallback(overhead=None, **FAST).on_fit_start(trainer, model)
 
 
 def test_unsupported_strategy_is_refused():
@@ -188,10 +196,10 @@ def test_unsupported_optimizer_is_refused_unless_generic(tmp_path):
     pl.seed_everything(0, verbose=False)
     pattern = r"SGD, Adam, AdamW, RMSprop.*got `Adadelta`.*generic_dynamics=True"
     with pytest.raises(ValueError, match=pattern):
-        _fit(tmp_path, DigitsModule(optimizer="adadelta", lr=0.5), GFMCallback(**FAST))
+        _fit(tmp_path, DigitsModule(optimizer="adadelta", lr=0.5), GFMCallback(overhead=None, **FAST))
 
     pl.seed_everything(0, verbose=False)
-    cb = GFMCallback(**FAST, generic_dynamics=True)
+    cb = GFMCallback(overhead=None, **FAST, generic_dynamics=True)
     trainer = _fit(tmp_path, DigitsModule(optimizer="adadelta", lr=0.5), cb, max_steps=44)
     assert trainer.global_step == 44
     assert type(cb._dyn).__name__ == "GenericDynamics"
@@ -206,14 +214,14 @@ class _AmsGrad(DigitsModule):
 def test_amsgrad_is_refused(tmp_path):
     pl.seed_everything(0, verbose=False)
     with pytest.raises(ValueError, match="`amsgrad=True` is not supported"):
-        _fit(tmp_path, _AmsGrad(), GFMCallback(**FAST))
+        _fit(tmp_path, _AmsGrad(), GFMCallback(overhead=None, **FAST))
 
 
 def test_monitor_not_logged_names_what_was(tmp_path):
     pl.seed_everything(0, verbose=False)
     model = DigitsModule()
     with pytest.raises(ValueError, match=r"`validation_step` did not log 'nope' \(it logged \['val_loss'\]\)") as err:
-        _fit(tmp_path, model, GFMCallback(**FAST, monitor="nope"))
+        _fit(tmp_path, model, GFMCallback(overhead=None, **FAST, monitor="nope"))
     assert "set `monitor`" in str(err.value)
     # the failing evaluation happened before any candidate was written: the module left evaluation cleanly
     assert model.training
@@ -238,7 +246,9 @@ def test_non_safetensors_field_is_refused_without_unpickling(tmp_path, kind):
         path.write_bytes(pickle.dumps(_Payload(marker)))
     else:
         path.write_bytes(bytes(range(256)) * 4)
-    cb = GFMCallback(**FAST, field=path)  # construction only checks the file exists; it is read at fit start
+    cb = GFMCallback(
+        overhead=None, **FAST, field=path
+    )  # construction only checks the file exists; it is read at fit start
     assert cb.field is None
     pl.seed_everything(0, verbose=False)
     with pytest.raises(ValueError, match="safetensors.*Pickled checkpoints are refused"):

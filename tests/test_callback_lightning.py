@@ -40,7 +40,7 @@ def _flat(model):
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """One standard fit (Adam, 80 steps) shared by the read-only tests below."""
-    cb = GFMCallback(**FAST)
+    cb = GFMCallback(overhead=None, **FAST)
     trainer, model = _fit(tmp_path_factory.mktemp("fitted"), [cb], max_steps=80)
     return cb, trainer, model
 
@@ -57,7 +57,7 @@ class _RecordSpy(GFMCallback):
 
 
 def test_recording_counts_optimizer_steps_not_batches(tmp_path):
-    cb = _RecordSpy(record_every=2, jump_every=10_000, window=12)
+    cb = _RecordSpy(overhead=None, record_every=2, jump_every=10_000, window=12)
     trainer, _ = _fit(tmp_path, [cb], max_steps=30, accumulate_grad_batches=2)
     assert trainer.global_step == 30
     # every optimizer step is seen exactly once, although each spans two batches
@@ -85,7 +85,7 @@ def test_param_groups_lrs_and_frozen_parameter_not_tracked(tmp_path):
     model = _TwoGroups()
     model.net[2].bias.requires_grad_(False)
     frozen = model.net[2].bias.detach().clone()
-    cb = GFMCallback(**FAST)
+    cb = GFMCallback(overhead=None, **FAST)
     _fit(tmp_path, [cb], module=model, max_steps=44)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert cb._spec.numel == trainable == 64 * 64 + 64 + 64 * 10
@@ -205,7 +205,7 @@ def _state_equal(a, b):
 
 def test_rollback_is_bit_exact_and_keeps_identity(tmp_path):
     # min_delta=10 asks a jump to cut the loss by 1000 %: every attempt must be rolled back
-    cb = _RollbackSpy(**{**FAST, "min_delta": 10.0})
+    cb = _RollbackSpy(overhead=None, settle=0, **{**FAST, "min_delta": 10.0})  # judged where it lands
     _fit(tmp_path, [cb], max_steps=60)
     assert [j.outcome for j in cb.jumps] == ["rolled_back", "rolled_back"]
     assert all(len(j.candidates) > 0 for j in cb.jumps)  # candidates were really written and evaluated
@@ -237,7 +237,7 @@ def _resume_run(tmp_path, callbacks, ckpt_path=None, **trainer_kwargs):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    cb = GFMCallback(**RESUME)
+    cb = GFMCallback(overhead=None, **RESUME)
     trainer, model = _resume_run(tmp_path_factory.mktemp("uninterrupted"), [cb])
     assert trainer.global_step == 72
     return cb, _flat(model)
@@ -254,11 +254,13 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, uninterrupted, cr
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", every_n_epochs=1, save_top_k=-1)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _resume_run(tmp_path, [GFMCallback(**RESUME), _Crash(crash_epoch), ckpt], enable_checkpointing=True)
+        _resume_run(
+            tmp_path, [GFMCallback(overhead=None, **RESUME), _Crash(crash_epoch), ckpt], enable_checkpointing=True
+        )
     path = tmp_path / "ckpt" / f"epoch={crash_epoch - 1}.ckpt"
     assert path.is_file(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
 
-    cb_b = GFMCallback(**RESUME)
+    cb_b = GFMCallback(overhead=None, **RESUME)
     trainer, model = _resume_run(tmp_path, [cb_b], ckpt_path=str(path))  # Lightning loads with weights_only=True
     assert trainer.global_step == 72
     assert _decisions(cb_b) == _decisions(cb_a)
@@ -268,7 +270,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, uninterrupted, cr
 
 # --------------------------------------------------------------------------------------------- pickling
 def test_pickle_fresh_and_fitted_callback(fitted):
-    fresh = pickle.loads(pickle.dumps(GFMCallback(record_every=3)))
+    fresh = pickle.loads(pickle.dumps(GFMCallback(overhead=None, record_every=3)))
     assert fresh.record_every == 3 and fresh.jumps == [] and len(fresh.buffer) == 0
 
     cb, _, _ = fitted
@@ -285,7 +287,7 @@ def test_state_dict_round_trip_weights_only(fitted, tmp_path):
     path = tmp_path / "gfm.pt"
     torch.save(cb.state_dict(), path)
     state = torch.load(path, weights_only=True)
-    fresh = GFMCallback(**FAST)
+    fresh = GFMCallback(overhead=None, **FAST)
     fresh.load_state_dict(state)
     # the window waits for the ring the memory plan allocates when fit starts (test_memory_plan.py resumes it)
     snaps, want_snaps = fresh.state_dict()["buffer"]["snapshots"], cb.state_dict()["buffer"]["snapshots"]
@@ -300,7 +302,7 @@ def test_state_dict_round_trip_weights_only(fitted, tmp_path):
 # ---------------------------------------------------------------------------------------------- logging
 def test_csv_logger_receives_gfm_metrics(tmp_path):
     logger = CSVLogger(save_dir=tmp_path, name="csv")
-    cb = GFMCallback(**FAST)
+    cb = GFMCallback(overhead=None, **FAST)
     _fit(tmp_path, [cb], max_steps=60, logger=logger)
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -318,7 +320,7 @@ class _RefusesGFM(CSVLogger):
 
 
 def test_failing_logger_never_stops_training(tmp_path):
-    cb = GFMCallback(**FAST)
+    cb = GFMCallback(overhead=None, **FAST)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, _ = _fit(tmp_path, [cb], max_steps=60, logger=_RefusesGFM(save_dir=tmp_path, name="bad"))
@@ -332,7 +334,7 @@ def test_failing_logger_never_stops_training(tmp_path):
 @pytest.mark.parametrize("monitor", ["train_loss", "val_loss"])
 def test_no_validation_loop_evaluates_on_training_batches(tmp_path, monitor):
     # "val_loss" is not logged by training_step: the returned loss decides instead
-    cb = GFMCallback(**{**FAST, "monitor": monitor})
+    cb = GFMCallback(overhead=None, **{**FAST, "monitor": monitor})
     trainer, _ = _fit(tmp_path, [cb], max_steps=60, limit_val_batches=0)
     assert cb._eval_cache is None  # dropped at fit end
     assert len(cb.jumps) == 2
@@ -355,7 +357,7 @@ def test_no_validation_loop_evaluates_on_training_batches(tmp_path, monitor):
     ],
 )
 def test_optimizer_families_end_to_end(tmp_path, optimizer, lr, schedule):
-    cb = GFMCallback(**FAST)
+    cb = GFMCallback(overhead=None, **FAST)
     pl.seed_everything(0, verbose=False)
     model = DigitsModule(optimizer=optimizer, lr=lr, schedule=schedule)
     trainer, _ = _fit(tmp_path, [cb], module=model, max_steps=60)
@@ -411,7 +413,7 @@ class _StateSpy(GFMCallback):
 
 @pytest.mark.parametrize("policy", ["keep", "reset", "forecast"])
 def test_optimizer_state_policies(tmp_path, policy):
-    cb = _StateSpy(**{**FAST, "optimizer_state": policy})
+    cb = _StateSpy(overhead=None, **{**FAST, "optimizer_state": policy})
     trainer, _ = _fit(tmp_path, [cb], max_steps=60)
     assert trainer.global_step == 60
     assert cb.events, [j.outcome for j in cb.jumps]
@@ -442,7 +444,7 @@ def test_a_loaded_field_is_backtested_against_the_callbacks_own_prior(tmp_path):
     torch.nn.init.normal_(other.out.weight, std=0.1)  # not the prior: its output varies
     path = save_field(other, tmp_path / "state.safetensors")
     pl.seed_everything(0, verbose=False)
-    cb = GFMCallback(**{**FAST, "fit_steps": 0, "trend": 6}, field=path)
+    cb = GFMCallback(overhead=None, **{**FAST, "fit_steps": 0, "trend": 6}, field=path)
     tiny_trainer(tmp_path, [cb], max_steps=60).fit(DigitsModule())
     assert cb.field_config.anchor == "state" and cb.prior_config.anchor == "trend" and cb.prior_config.trend == 6
     assert cb._prior("cpu").config == cb.prior_config
@@ -457,7 +459,7 @@ def test_saved_field_is_the_starting_field(fitted, tmp_path):
     cb.save_field(path, trained_on="digits")
     saved = load_field(path).state_dict()
 
-    new = _FieldSpy(**{**FAST, "hidden": 8, "field": path})
+    new = _FieldSpy(overhead=None, **{**FAST, "hidden": 8, "field": path})
     trainer, _ = _fit(tmp_path, [new], max_steps=44)
     assert trainer.global_step == 44
     assert new.field_config.hidden == cb.field_config.hidden != 8  # the file's config wins
@@ -476,7 +478,9 @@ def test_saved_field_is_the_starting_field(fitted, tmp_path):
 )
 def test_precisions_and_bf16_snapshots(tmp_path, precision, buffer_dtype):
     pl.seed_everything(0, verbose=False)
-    cb = GFMCallback(record_every=5, jump_every=50, trend=4, fit_steps=10, fit_batch=512, buffer_dtype=buffer_dtype)
+    cb = GFMCallback(
+        overhead=None, record_every=5, jump_every=50, trend=4, fit_steps=10, fit_batch=512, buffer_dtype=buffer_dtype
+    )
     trainer = tiny_trainer(tmp_path, [cb], max_steps=100, precision=precision)
     trainer.fit(DigitsModule())
     assert cb.jumps and all(math.isfinite(j.metric_before) for j in cb.jumps)
@@ -488,7 +492,7 @@ def test_16_mixed_with_a_real_grad_scaler_that_skips_steps(tmp_path):
     # runs the same path as on a GPU: float16 autocast, loss scaling, optimizer steps skipped on overflow.
     pl.seed_everything(0, verbose=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows at first: the scaler skips ~20 steps
-    cb = GFMCallback(record_every=2, jump_every=20, window=12, trend=4, eval_batches=2)
+    cb = GFMCallback(overhead=None, record_every=2, jump_every=20, window=12, trend=4, eval_batches=2)
     trainer = tiny_trainer(tmp_path, [cb], max_steps=60, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
     module = DigitsModule()
     trainer.fit(module)
@@ -525,7 +529,7 @@ class _LrSpy(GFMCallback):
 def test_epoch_interval_schedule_is_forecast_exactly(tmp_path):
     # 1100 samples / batch 64 = 18 steps per epoch: the forecast from step 10 crosses two epoch boundaries
     pl.seed_everything(0, verbose=False)
-    cb = _LrSpy(record_every=5, jump_every=1000)
+    cb = _LrSpy(overhead=None, record_every=5, jump_every=1000)
     tiny_trainer(tmp_path, [cb], max_steps=51).fit(_EpochSchedule())
     real = [cb.used[10 + s] for s in range(41)]
     assert cb.predicted == pytest.approx(real)
@@ -539,7 +543,7 @@ def test_memory_budget_shrinks_the_buffer_and_still_jumps(tmp_path):
     n = sum(p.numel() for p in model.parameters())
     # room for 14 bfloat16 snapshots of the Adam run, not for 24 in float32 nor in bfloat16
     budget = estimate_bytes(n, 2, 14, torch.bfloat16, 1 << 20)
-    cb = GFMCallback(**{**FAST, "window": 24}, memory_budget=budget)
+    cb = GFMCallback(overhead=None, **{**FAST, "window": 24}, memory_budget=budget)
     pl.seed_everything(0, verbose=False)
     tiny_trainer(tmp_path, [cb], max_steps=60).fit(model)
     assert cb.memory_plan is not None and cb.memory_plan.estimated_bytes <= budget

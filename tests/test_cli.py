@@ -97,6 +97,7 @@ def test_fit_with_gfm_flag_jumps(tmp_path):
             *("--gfm_callback.record_every", "2", "--gfm_callback.jump_every", "20", "--gfm_callback.window", "12"),
             *("--gfm_callback.trend", "4"),
             *("--gfm_callback.fit_steps", "10", "--gfm_callback.eval_batches", "1"),
+            *("--gfm_callback.overhead", "null"),  # 30 steps: too short for the default budget to afford an attempt
             *("--trainer.max_steps", "30", "--trainer.default_root_dir", str(tmp_path)),
             *QUIET,
         ]

@@ -73,7 +73,7 @@ class _Backbone(DigitsModule):
 def test_backbone_finetuning_restarts_the_window_and_jumps_again(tmp_path):
     # regression: `stack expects each tensor to be equal size` once the backbone's param group was added
     finetune = lc.BackboneFinetuning(unfreeze_backbone_at_epoch=3)
-    trainer = _fit(tmp_path, _Backbone(**SMALL), [finetune, GFMCallback(**FAST)], max_epochs=6)
+    trainer = _fit(tmp_path, _Backbone(**SMALL), [finetune, GFMCallback(overhead=None, **FAST)], max_epochs=6)
     cb = _assert_works(trainer, steps=54)
     assert cb.layout_changes == 1
     assert len(trainer.optimizers[0].param_groups) == 2
@@ -96,7 +96,9 @@ class _FreezeAt(pl.Callback):
 
 
 def test_freezing_and_unfreezing_mid_run(tmp_path):
-    trainer = _fit(tmp_path, DigitsModule(**SMALL), [_FreezeAt(14, 32), GFMCallback(**FAST)], max_steps=54)
+    trainer = _fit(
+        tmp_path, DigitsModule(**SMALL), [_FreezeAt(14, 32), GFMCallback(overhead=None, **FAST)], max_steps=54
+    )
     cb = _assert_works(trainer, steps=54)
     assert cb.layout_changes == 2
     assert cb._spec.numel == sum(p.numel() for p in trainer.lightning_module.parameters())
@@ -104,13 +106,13 @@ def test_freezing_and_unfreezing_mid_run(tmp_path):
 
 def test_a_new_layout_in_a_resumed_window_is_dropped(tmp_path):
     # a window saved under one layout, resumed under another: re-recorded, never mixed
-    cb = GFMCallback(**FAST)
+    cb = GFMCallback(overhead=None, **FAST)
     trainer = _fit(tmp_path, DigitsModule(**SMALL), [cb], max_steps=12)
     state = cb.state_dict()
     model = DigitsModule(**SMALL)
     for p in model.net[0].parameters():
         p.requires_grad_(False)
-    resumed = GFMCallback(**FAST)
+    resumed = GFMCallback(overhead=None, **FAST)
     resumed.load_state_dict(state)
     trainer = _fit(tmp_path, model, [resumed], max_steps=40)
     _assert_works(trainer, steps=40)
@@ -128,7 +130,7 @@ def test_gradient_accumulation_scheduler_follows_the_schedule(tmp_path):
         def on_train_batch_end(self, trainer, *args):
             self.totals.append(self.gfm._total_steps(trainer))
 
-    gfm = GFMCallback(window=8, trend=3, history=2, eval_batches=2)  # the schedule derived from the plan
+    gfm = GFMCallback(overhead=None, window=8, trend=3, history=2, eval_batches=2)  # the schedule derived from the plan
     totals = _Totals(gfm)
     trainer = _fit(tmp_path, DigitsModule(**SMALL), [lc.GradientAccumulationScheduler({0: 1, 4: 2}), gfm, totals],
                    max_epochs=10)  # fmt: skip
@@ -147,7 +149,7 @@ class _Accumulate(pl.Callback):
 
 
 def test_accumulation_changed_by_another_callback(tmp_path):
-    gfm = GFMCallback(window=8, trend=3, history=2, eval_batches=2)
+    gfm = GFMCallback(overhead=None, window=8, trend=3, history=2, eval_batches=2)
     trainer = _fit(tmp_path, DigitsModule(**SMALL), [_Accumulate(), gfm], max_epochs=6)
     steps = 2 * 9 + 4 * 3
     cb = _assert_works(trainer, steps=steps)
@@ -157,7 +159,7 @@ def test_accumulation_changed_by_another_callback(tmp_path):
 
 
 def test_accumulation_change_keeps_intervals_given_by_the_user(tmp_path):
-    gfm = GFMCallback(**FAST)
+    gfm = GFMCallback(overhead=None, **FAST)
     trainer = _fit(tmp_path, DigitsModule(**SMALL), [_Accumulate(), gfm], max_epochs=6)
     assert (gfm.record_every, gfm.jump_every) == (FAST["record_every"], FAST["jump_every"])
     _assert_works(trainer, steps=30)
@@ -180,7 +182,7 @@ def test_epoch_scheduler_replay_follows_changing_epoch_lengths(tmp_path):
             if trainer.global_step in (16, 18):
                 self.rows[trainer.global_step] = self.gfm._lr_steps(trainer, trainer.global_step, 8)[:, 0]
 
-    gfm = GFMCallback(**FAST)
+    gfm = GFMCallback(overhead=None, **FAST)
     check = _Check(gfm)
     schedule = lc.GradientAccumulationScheduler({0: 1, 2: 3})
     _fit(tmp_path, _EpochSchedule(**SMALL), [schedule, gfm, check], max_epochs=4)
@@ -192,50 +194,54 @@ def test_epoch_scheduler_replay_follows_changing_epoch_lengths(tmp_path):
 
 def test_stochastic_weight_averaging(tmp_path):
     swa = lc.StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=2)
-    _assert_works(_fit(tmp_path, DigitsModule(**SMALL), [swa, GFMCallback(**FAST)], max_epochs=5), steps=45)
+    _assert_works(
+        _fit(tmp_path, DigitsModule(**SMALL), [swa, GFMCallback(overhead=None, **FAST)], max_epochs=5), steps=45
+    )
 
 
 def test_ema_weight_averaging(tmp_path):
     ema = lc.EMAWeightAveraging(decay=0.9)
-    _assert_works(_fit(tmp_path, DigitsModule(**SMALL), [ema, GFMCallback(**FAST)], max_steps=40), steps=40)
+    _assert_works(
+        _fit(tmp_path, DigitsModule(**SMALL), [ema, GFMCallback(overhead=None, **FAST)], max_steps=40), steps=40
+    )
 
 
 def test_model_pruning(tmp_path):
     # pruning re-parametrises `weight` as `weight_orig * weight_mask`: the same parameter object, so the
     # layout does not change; GFM moves `weight_orig`, and the mask keeps the pruned scalars at zero
     prune = lc.ModelPruning("l1_unstructured", amount=0.3, verbose=0)
-    trainer = _fit(tmp_path, DigitsModule(**SMALL), [prune, GFMCallback(**FAST)], max_epochs=5)
+    trainer = _fit(tmp_path, DigitsModule(**SMALL), [prune, GFMCallback(overhead=None, **FAST)], max_epochs=5)
     cb = _assert_works(trainer, steps=45)
     assert cb.layout_changes == 0
 
 
 def test_early_stopping(tmp_path):
     stop = lc.EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)  # stops after the second validation
-    trainer = _fit(tmp_path, DigitsModule(**SMALL), [stop, GFMCallback(**FAST)], max_epochs=20)
+    trainer = _fit(tmp_path, DigitsModule(**SMALL), [stop, GFMCallback(overhead=None, **FAST)], max_epochs=20)
     assert trainer.current_epoch < 20 and trainer.should_stop
     _assert_works(trainer)
 
 
 def test_learning_rate_finder(tmp_path):
     finder = lc.LearningRateFinder(min_lr=1e-4, max_lr=1e-1, num_training_steps=20)
-    trainer = _fit(tmp_path, DigitsModule(**SMALL), [finder, GFMCallback(**FAST)], max_steps=40)
+    trainer = _fit(tmp_path, DigitsModule(**SMALL), [finder, GFMCallback(overhead=None, **FAST)], max_steps=40)
     cb = _assert_works(trainer, steps=40)
     assert all(j.step > 0 for j in cb.jumps)
 
 
 def test_batch_size_finder(tmp_path):
     finder = lc.BatchSizeFinder(mode="power", steps_per_trial=2, init_val=64, max_trials=2)
-    trainer = _fit(tmp_path, DigitsModule(**SMALL), [finder, GFMCallback(**FAST)], max_steps=40)
+    trainer = _fit(tmp_path, DigitsModule(**SMALL), [finder, GFMCallback(overhead=None, **FAST)], max_steps=40)
     _assert_works(trainer, steps=40)
 
 
 def test_model_checkpoint_resume(tmp_path):
     ckpt = lc.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    first = _fit(tmp_path, DigitsModule(**SMALL), [ckpt, GFMCallback(**FAST)], max_epochs=2,
+    first = _fit(tmp_path, DigitsModule(**SMALL), [ckpt, GFMCallback(overhead=None, **FAST)], max_epochs=2,
                  enable_checkpointing=True)  # fmt: skip
     before = len(_gfm(first).jumps)
     pl.seed_everything(0, verbose=False)
-    cb = GFMCallback(**FAST)
+    cb = GFMCallback(overhead=None, **FAST)
     trainer = tiny_trainer(tmp_path, [cb], max_epochs=4, limit_val_batches=2)
     trainer.fit(DigitsModule(**SMALL), ckpt_path=str(tmp_path / "last.ckpt"))
     _assert_works(trainer, steps=36)
@@ -304,7 +310,7 @@ SCHEDULERS = {
 def test_lr_scheduler(tmp_path, name):
     make, config = SCHEDULERS[name]
     model = _Scheduled(make, config, **SMALL)
-    trainer = _fit(tmp_path, model, [GFMCallback(**FAST)], max_epochs=5)
+    trainer = _fit(tmp_path, model, [GFMCallback(overhead=None, **FAST)], max_epochs=5)
     cb = _assert_works(trainer, steps=45)
     if name == "cyclic":  # CyclicLR also cycles SGD's momentum: the dynamics follow it at each record
         cb._follow_layout(trainer)
@@ -338,7 +344,7 @@ class _Optimized(DigitsModule):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_optimizer(tmp_path, name):
     make, dynamics = OPTIMIZERS[name]
-    trainer = _fit(tmp_path, _Optimized(make, **SMALL), [GFMCallback(**FAST)], max_steps=36)
+    trainer = _fit(tmp_path, _Optimized(make, **SMALL), [GFMCallback(overhead=None, **FAST)], max_steps=36)
     cb = _assert_works(trainer, steps=36)
     if dynamics is not None:
         assert type(cb._dyn) is dynamics
@@ -350,20 +356,22 @@ def test_optimizer(tmp_path, name):
 def test_capturable_optimizer(tmp_path, name):
     # capturable keeps `step` as a tensor on the device; GFM reads it as the step count
     make = functools.partial(getattr(torch.optim, name), lr=3e-3, capturable=True)
-    trainer = _fit(tmp_path, _Optimized(make, **SMALL), [GFMCallback(**FAST)], max_steps=36, accelerator="gpu")
+    trainer = _fit(
+        tmp_path, _Optimized(make, **SMALL), [GFMCallback(overhead=None, **FAST)], max_steps=36, accelerator="gpu"
+    )
     _assert_works(trainer, steps=36)
 
 
 def test_other_optimizers_are_refused_at_set_up(tmp_path):
     make = functools.partial(torch.optim.Adadelta, lr=0.5)
     with pytest.raises(ValueError, match=r"got `Adadelta`.*generic_dynamics=True"):
-        _fit(tmp_path, _Optimized(make, **SMALL), [GFMCallback(**FAST)], max_steps=10)
+        _fit(tmp_path, _Optimized(make, **SMALL), [GFMCallback(overhead=None, **FAST)], max_steps=10)
 
 
 def test_amsgrad_is_refused_at_set_up(tmp_path):
     make = functools.partial(torch.optim.Adam, lr=3e-3, amsgrad=True)
     with pytest.raises(ValueError, match="amsgrad"):
-        _fit(tmp_path, _Optimized(make, **SMALL), [GFMCallback(**FAST)], max_steps=10)
+        _fit(tmp_path, _Optimized(make, **SMALL), [GFMCallback(overhead=None, **FAST)], max_steps=10)
 
 
 # ------------------------------------------------------------------------------------------- inactive
@@ -384,7 +392,7 @@ class _UnfreezeAt(pl.Callback):
 
 
 def test_nothing_trainable_for_a_while_keeps_gfm_inactive_until_it_is(tmp_path):
-    gfm = GFMCallback(**FAST)
+    gfm = GFMCallback(overhead=None, **FAST)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = _fit(tmp_path, _HeadOnly(**SMALL), [_UnfreezeAt(20), gfm], max_steps=50)
@@ -406,7 +414,7 @@ def test_without_a_planned_end_gfm_jumps_on_a_fixed_schedule(tmp_path):
         def train_dataloader(self):
             return torch.utils.data.DataLoader(_Stream(self.train_data), batch_size=64)
 
-    trainer = _fit(tmp_path, _Iterable(**SMALL), [GFMCallback(**FAST)], max_steps=30)
+    trainer = _fit(tmp_path, _Iterable(**SMALL), [GFMCallback(overhead=None, **FAST)], max_steps=30)
     _assert_works(trainer, steps=30)
 
 
@@ -416,7 +424,7 @@ def test_a_diverging_run_is_never_jumped_into(tmp_path):
             loss = super().training_step(batch, batch_idx)
             return loss * (1e30 if self.global_step >= 20 else 1.0)
 
-    gfm = GFMCallback(**FAST)
+    gfm = GFMCallback(overhead=None, **FAST)
     _fit(tmp_path, _Diverge(optimizer="sgd", lr=0.1, **SMALL), [gfm], max_steps=40)
     late = [j for j in gfm.jumps if j.step > 22]
     assert not any(j.accepted and not math.isfinite(j.metric_after) for j in late)
@@ -424,7 +432,7 @@ def test_a_diverging_run_is_never_jumped_into(tmp_path):
 
 def test_no_layout_noise(tmp_path):
     # nothing changes: never a rebuild, never a restarted window
-    gfm = GFMCallback(**FAST)
+    gfm = GFMCallback(overhead=None, **FAST)
     _fit(tmp_path, DigitsModule(**SMALL), [gfm], max_steps=24)
     assert gfm.layout_changes == 0 and len(gfm.buffer) >= gfm.min_snapshots
 
@@ -433,7 +441,7 @@ def test_a_model_too_large_for_the_memory_plan_leaves_gfm_inactive(tmp_path, mon
     import lightning_gfm.callback as callback_module
 
     monkeypatch.setattr(callback_module, "available_bytes", lambda device: 10_000)  # a quarter: 2.5 kB
-    gfm = GFMCallback(**FAST)
+    gfm = GFMCallback(overhead=None, **FAST)
     with pytest.warns(UserWarning, match="GFMCallback is inactive for this run: its memory plan does not fit"):
         _fit(tmp_path, DigitsModule(**SMALL), [gfm], max_steps=24)
     assert gfm.inactive_reason and not gfm.jumps and len(gfm.buffer) == 0

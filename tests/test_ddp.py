@@ -73,6 +73,7 @@ class _DumpRank(pl.Callback):
                 "decisions": [(j.step, j.accepted, j.horizon, j.outcome) for j in gfm.jumps],
                 "metrics": [(j.metric_before, j.metric_after, j.candidates) for j in gfm.jumps],
                 "fit": [(j.fit_loss, j.backtest_fitted, j.backtest_prior) for j in gfm.jumps],
+                "settle": [(j.settle_steps, j.settle_reference, j.settled) for j in gfm.jumps],
                 "buffer_steps": gfm.buffer.steps,
                 "slices": self.widths,
                 "n_params": sum(p.numel() for p in pl_module.parameters()),
@@ -94,7 +95,7 @@ def _fit_ddp_spawn(tmp_path, callbacks, **kwargs):
 
 @pytest.mark.timeout(120)
 def test_ddp_ranks_agree_and_share_the_forecast(tmp_path):
-    _fit_ddp_spawn(tmp_path, [_NoBroadcast(**FAST), _DumpRank(tmp_path)], max_steps=50)
+    _fit_ddp_spawn(tmp_path, [_NoBroadcast(overhead=None, **FAST), _DumpRank(tmp_path)], max_steps=50)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert (r0["rank"], r1["rank"]) == (0, 1)
@@ -112,10 +113,34 @@ def test_ddp_ranks_agree_and_share_the_forecast(tmp_path):
     assert r0["slices"] == [rank_slice(n, 0, 2)] * 2 and r1["slices"] == [rank_slice(n, 1, 2)] * 2
 
 
+class _SpikeNoBroadcast(_NoBroadcast):
+    """A forecaster whose one candidate lands far off, so every attempt settles; no safety broadcast."""
+
+    def forecast_path(self, trainer, pl_module, win, horizons):
+        from lightning_gfm.forecast import ForecastPath
+
+        w = win.w[-1].float().to(pl_module.device)
+        far = w + 3.0 * torch.sign(torch.sin(torch.arange(w.numel(), dtype=torch.float32) + 1.0))
+        return ForecastPath([0, horizons[-1]], torch.stack([w, far]), {}, 0.0), {}
+
+
+@pytest.mark.timeout(120)
+def test_ddp_settling_and_the_budget_agree_across_ranks(tmp_path):
+    # a budget that is set (its decisions are agreed by a collective) but large enough to allow every settling
+    gfm = _SpikeNoBroadcast(overhead=100.0, settle=3, record_every=2, jump_every=20, window=12, trend=4, eval_batches=2)
+    _fit_ddp_spawn(tmp_path, [gfm, _DumpRank(tmp_path)], max_steps=45)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["decisions"] == r1["decisions"] and len(r0["decisions"]) == 2
+    assert repr(r0["settle"]) == repr(r1["settle"])  # NaN (stopped early) compares by its text
+    assert all(steps > 0 for steps, _, _ in r0["settle"])  # each attempt settled (private steps, DDP-averaged)
+    assert torch.equal(r0["weights"], r1["weights"])  # the private steps kept the ranks identical, unbroadcast
+
+
 @pytest.mark.timeout(120)
 def test_ddp_rank_failure_stops_every_rank(tmp_path):
     with pytest.raises(Exception, match="ranks failed during the sharded forecast"):
-        _fit_ddp_spawn(tmp_path, [GFMCallback(**FAST), _DumpRank(tmp_path, fail_rank=1)], max_steps=25)
+        _fit_ddp_spawn(tmp_path, [GFMCallback(overhead=None, **FAST), _DumpRank(tmp_path, fail_rank=1)], max_steps=25)
     assert not (tmp_path / "rank0.pt").exists()  # no rank went on training alone
 
 

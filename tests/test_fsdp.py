@@ -111,7 +111,7 @@ def _fit_sharded(root, callbacks, max_steps, ckpt_path=None):
 
 def _run(rank, out_dir):
     pl.seed_everything(0, verbose=False)
-    gfm = _Spy(**FAST, optimizer_state="forecast")
+    gfm = _Spy(overhead=None, **FAST, optimizer_state="forecast")
     trainer = _fit_sharded(out_dir, [gfm], 50)
     return {
         "world_size": trainer.world_size,
@@ -127,10 +127,10 @@ def _run(rank, out_dir):
 
 def _resume(rank, out_dir):
     pl.seed_everything(0, verbose=False)
-    trainer = _fit_sharded(out_dir, [_Spy(**FAST)], 30)  # the same class, so that its state key matches
+    trainer = _fit_sharded(out_dir, [_Spy(overhead=None, **FAST)], 30)  # the same class, so that its state key matches
     ckpt = str(pathlib.Path(out_dir) / "sharded.ckpt")
     trainer.save_checkpoint(ckpt)  # a distributed checkpoint: a folder, callback states from rank 0 only
-    gfm = _Spy(**FAST)
+    gfm = _Spy(overhead=None, **FAST)
     _fit_sharded(out_dir, [gfm], 70, ckpt_path=ckpt)
     return {"loaded": gfm.loaded, "decisions": [(j.step, j.outcome) for j in gfm.jumps]}
 
@@ -144,7 +144,7 @@ def _fail(rank, out_dir):
         return real(*args, **kwargs)
 
     gfm_callback.forecast = boom
-    _fit_sharded(out_dir, [GFMCallback(**FAST)], 25)
+    _fit_sharded(out_dir, [GFMCallback(overhead=None, **FAST)], 25)
     return {"finished": True}
 
 
@@ -263,7 +263,7 @@ def test_model_parallel_on_one_process_tracks_the_whole_model(tmp_path):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     pl.seed_everything(0, verbose=False)
-    gfm = GFMCallback(**FAST)
+    gfm = GFMCallback(overhead=None, **FAST)
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
     trainer = tiny_trainer(tmp_path, [gfm], max_steps=25, strategy=strategy, devices=1)
     environ = dict(os.environ)
@@ -342,7 +342,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning
 @needs_cuda
 @pytest.mark.timeout(300)
 def test_fsdp_is_refused_at_setup_on_cuda(tmp_path):
-    trainer = tiny_trainer(tmp_path, [GFMCallback(**FAST)], max_steps=5, strategy="fsdp", accelerator="cuda")
+    trainer = tiny_trainer(
+        tmp_path, [GFMCallback(overhead=None, **FAST)], max_steps=5, strategy="fsdp", accelerator="cuda"
+    )
     with pytest.raises(ValueError, match="got `FSDPStrategy`.*Use strategy='ddp'"):
         trainer.fit(DigitsModule())
 
@@ -366,7 +368,7 @@ def test_fsdp_forecasts_each_ranks_local_shard(tmp_path):
     local shard (``P_local`` scalars, not the full model), and the run finishes with finite weights.
     """
     pl.seed_everything(0, verbose=False)
-    gfm, dump = GFMCallback(**FAST), _LocalShards()
+    gfm, dump = GFMCallback(overhead=None, **FAST), _LocalShards()
     trainer = tiny_trainer(tmp_path, [gfm, dump], max_steps=50, strategy="fsdp", accelerator="cuda", devices=1)
     model = DigitsModule()
     full = sum(p.numel() for p in model.parameters())

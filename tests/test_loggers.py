@@ -124,7 +124,7 @@ def test_reporter_measures_forecast_skill_by_hand():
 # ------------------------------------------------------------------------------------------ in a fit
 def test_forecast_skill_logged_where_rolled_back_forecasts_land(tmp_path):
     logger = CSVLogger(save_dir=tmp_path, name="csv")
-    cb = GFMCallback(**FAST, min_delta=1.0)  # a loss can never fall by 100 %: every jump rolls back
+    cb = GFMCallback(overhead=None, **FAST, min_delta=1.0)  # a loss can never fall by 100 %: every jump rolls back
     _fit(tmp_path, cb, logger=logger)
     assert [j.outcome for j in cb.jumps] == ["rolled_back", "rolled_back"]
     with open(f"{logger.log_dir}/metrics.csv") as f:
@@ -141,7 +141,7 @@ def test_forecast_skill_logged_where_rolled_back_forecasts_land(tmp_path):
 
 
 def test_progress_bar_shows_accepted_and_rolled_back(tmp_path):
-    cb = GFMCallback(**FAST)
+    cb = GFMCallback(overhead=None, **FAST)
     pl.seed_everything(0, verbose=False)
     bar = TQDMProgressBar(refresh_rate=1000)
     trainer = tiny_trainer(tmp_path, [cb, bar], max_steps=60, enable_progress_bar=True)
@@ -172,7 +172,7 @@ class WandbLogger(_Broken):  # recognised by name: the W&B extras path fails too
 
 @pytest.mark.parametrize("cls", [_Broken, WandbLogger])
 def test_logger_that_raises_never_stops_training(tmp_path, cls):
-    cb = GFMCallback(**FAST, min_delta=1.0)  # rolled back: forecast skill is logged (and fails) too
+    cb = GFMCallback(overhead=None, **FAST, min_delta=1.0)  # rolled back: forecast skill is logged (and fails) too
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = _fit(tmp_path, cb, logger=cls(save_dir=tmp_path, name="bad"))
@@ -200,7 +200,7 @@ def test_wandb_offline_gets_table_histograms_picture_and_scalars(tmp_path, monke
     experiment = logger.experiment
     real_log = experiment.log
     experiment.log = lambda data, *a, **k: (logged.append(dict(data)), real_log(data, *a, **k))[1]
-    cb = GFMCallback(**FAST)
+    cb = GFMCallback(overhead=None, **FAST)
     try:
         _fit(tmp_path, cb, logger=logger)
     finally:

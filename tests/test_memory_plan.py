@@ -151,7 +151,7 @@ class _Seen(pl.Callback):
 
 
 def test_default_plans_and_allocates_before_the_first_step(tmp_path):
-    cb = GFMCallback(**PRIOR)
+    cb = GFMCallback(overhead=None, **PRIOR)
     seen = _Seen(cb)
     pl.seed_everything(0, verbose=False)
     tiny_trainer(tmp_path, [cb, seen], max_steps=60).fit(DigitsModule())
@@ -168,7 +168,7 @@ def test_little_available_memory_shrinks_the_plan(tmp_path, monkeypatch):
     # a quarter of this is room for about 10 bfloat16 snapshots of the lean Adam layout, not 24 float32 ones
     room = estimate_bytes(n, 2, 10, torch.bfloat16, 1 << 12, lean=True, n_horizons=4)
     monkeypatch.setattr(callback_module, "available_bytes", lambda device: 4 * room + 3)
-    cb = GFMCallback(**{**PRIOR, "window": 24})
+    cb = GFMCallback(overhead=None, **{**PRIOR, "window": 24})
     pl.seed_everything(0, verbose=False)
     tiny_trainer(tmp_path, [cb], max_steps=60).fit(model)
     plan = cb.memory_plan
@@ -188,9 +188,9 @@ def test_a_budget_too_small_switches_gfm_off_and_leaves_training_untouched(tmp_p
     tiny_trainer(tmp_path / "plain", [], max_steps=50).fit(plain)
     if how == "auto":
         monkeypatch.setattr(callback_module, "available_bytes", lambda device: 4000)
-        cb = GFMCallback(**PRIOR)
+        cb = GFMCallback(overhead=None, **PRIOR)
     else:
-        cb = GFMCallback(**PRIOR, memory_budget="1KB")
+        cb = GFMCallback(overhead=None, **PRIOR, memory_budget="1KB")
     pl.seed_everything(0, verbose=False)
     model = DigitsModule()
     with pytest.warns(UserWarning, match=r"GFMCallback is inactive for this run: its memory plan does not fit.*"):
@@ -202,7 +202,7 @@ def test_a_budget_too_small_switches_gfm_off_and_leaves_training_untouched(tmp_p
 
 def test_no_budget_uses_the_arguments_as_given(tmp_path, monkeypatch):
     monkeypatch.setattr(callback_module, "available_bytes", lambda device: 4000)  # would switch "auto" off
-    cb = GFMCallback(**PRIOR, memory_budget=None)
+    cb = GFMCallback(overhead=None, **PRIOR, memory_budget=None)
     pl.seed_everything(0, verbose=False)
     tiny_trainer(tmp_path, [cb], max_steps=60).fit(DigitsModule())
     assert cb.memory_plan is None and cb.buffer.capacity == 12 and cb.jumps
@@ -213,7 +213,7 @@ def test_footprint_counts_weights_gradients_and_state():
 
 
 def test_a_resumed_window_goes_straight_into_the_planned_ring(tmp_path):
-    cb = GFMCallback(**PRIOR)
+    cb = GFMCallback(overhead=None, **PRIOR)
     pl.seed_everything(0, verbose=False)
     trainer = tiny_trainer(tmp_path, [cb], max_steps=30)
     trainer.fit(DigitsModule())
@@ -222,7 +222,7 @@ def test_a_resumed_window_goes_straight_into_the_planned_ring(tmp_path):
     steps = cb.buffer.steps
     last_state = cb.buffer.state("exp_avg").clone()
 
-    resumed = GFMCallback(**PRIOR)
+    resumed = GFMCallback(overhead=None, **PRIOR)
     seen = _Seen(resumed)
     restored = {}
 
@@ -237,14 +237,14 @@ def test_a_resumed_window_goes_straight_into_the_planned_ring(tmp_path):
 
 
 def test_a_fitted_field_from_a_checkpoint_gets_the_full_layout(tmp_path):
-    fitted = GFMCallback(**PRIOR, fit_steps=10, fit_batch=512)
+    fitted = GFMCallback(overhead=None, **PRIOR, fit_steps=10, fit_batch=512)
     pl.seed_everything(0, verbose=False)
     trainer = tiny_trainer(tmp_path, [fitted], max_steps=40)
     trainer.fit(DigitsModule())
     assert not fitted.field.constant
     ckpt = tmp_path / "fitted.ckpt"
     trainer.save_checkpoint(ckpt)
-    resumed = GFMCallback(**PRIOR)  # the prior's settings, but the checkpoint brings a fitted field
+    resumed = GFMCallback(overhead=None, **PRIOR)  # the prior's settings, but the checkpoint brings a fitted field
     pl.seed_everything(0, verbose=False)
     tiny_trainer(tmp_path, [resumed], max_steps=80).fit(DigitsModule(), ckpt_path=ckpt)
     assert not resumed.field.constant and not resumed.memory_plan.lean
@@ -253,7 +253,7 @@ def test_a_fitted_field_from_a_checkpoint_gets_the_full_layout(tmp_path):
 
 
 def test_a_callback_switched_off_in_one_fit_plans_afresh_in_the_next(tmp_path, monkeypatch):
-    cb = GFMCallback(**PRIOR)
+    cb = GFMCallback(overhead=None, **PRIOR)
     monkeypatch.setattr(callback_module, "available_bytes", lambda device: 4000)
     pl.seed_everything(0, verbose=False)
     with pytest.warns(UserWarning, match="inactive for this run"):

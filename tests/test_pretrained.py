@@ -272,18 +272,18 @@ def test_shipped_field_is_small_documented_and_a_drop_in():
         assert (c.history, c.hidden, c.depth) == (d.history, d.hidden, d.depth)
         # its span is its own (12 record intervals, the default when it was trained): a loaded field is learned
         # (backtested, window-limited horizons) and forecasts as far as it was fitted, whatever the callback's span
-        assert c.span == 12.0 and cb.learns is False and GFMCallback(field=str(path)).learns
+        assert c.span == 12.0 and cb.learns is False and GFMCallback(overhead=None, field=str(path)).learns
 
 
 def test_field_names_resolve(tmp_path):
     assert resolve_field("pretrained") == str(pretrained_path("default"))
     assert resolve_field("pretrained:default") == str(pretrained_path("default"))
-    cb = GFMCallback(field="pretrained")
+    cb = GFMCallback(overhead=None, field="pretrained")
     assert cb.field_path == str(pretrained_path())
     with pytest.raises(ValueError, match="Unknown pretrained field 'nope'.*default"):
-        GFMCallback(field="pretrained:nope")
+        GFMCallback(overhead=None, field="pretrained:nope")
     with pytest.raises(FileNotFoundError, match="not found"):
-        GFMCallback(field=str(tmp_path / "missing.safetensors"))
+        GFMCallback(overhead=None, field=str(tmp_path / "missing.safetensors"))
 
 
 def test_callback_loads_and_optionally_fine_tunes_the_pretrained_field(tmp_path):
@@ -294,6 +294,7 @@ def test_callback_loads_and_optionally_fine_tunes_the_pretrained_field(tmp_path)
     for fit_steps in (0, 3):
         pl.seed_everything(0, verbose=False)
         cb = GFMCallback(
+            overhead=None,
             field="pretrained",
             record_every=2,
             jump_every=20,

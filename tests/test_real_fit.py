@@ -22,7 +22,7 @@ def _fit(tmp_path, callbacks, **module_kwargs):
 )
 def test_jumps_are_accepted_and_final_validation_is_no_worse(tmp_path, module_kwargs):
     baseline = _fit(tmp_path, [], **module_kwargs)
-    cb = GFMCallback(record_every=5, jump_every=50, fit_steps=50)
+    cb = GFMCallback(overhead=None, record_every=5, jump_every=50, fit_steps=50)
     with_gfm = _fit(tmp_path, [cb], **module_kwargs)
     accepted = [j for j in cb.jumps if j.accepted]
     assert accepted, [j.outcome for j in cb.jumps]

@@ -79,7 +79,7 @@ def test_auto_schedule(total, expected):
 
 def test_auto_schedule_resolves_at_fit_start(tmp_path):
     torch.manual_seed(0)
-    cb = GFMCallback(fit_steps=0, eval_batches=1)
+    cb = GFMCallback(overhead=None, fit_steps=0, eval_batches=1)
     assert (cb.record_every, cb.jump_every) == (20, 200)  # before fit: the schedule for an unknown length
     tiny_trainer(tmp_path, [cb], max_steps=120).fit(DigitsModule())
     assert (cb.record_every, cb.jump_every) == (2, 20)
@@ -88,18 +88,18 @@ def test_auto_schedule_resolves_at_fit_start(tmp_path):
 
 
 def test_geometric_candidates(tmp_path):
-    cb = GFMCallback(record_every=2, jump_every=20, horizon=80, n_candidates=4)
+    cb = GFMCallback(overhead=None, record_every=2, jump_every=20, horizon=80, n_candidates=4)
     win = type("W", (), {"K": 24, "interval": 2.0})()
     trainer = type("T", (), {"max_steps": 1000})()
     assert cb._horizons(trainer, 100, win) == [10, 20, 40, 80]
-    even = GFMCallback(record_every=2, jump_every=20, horizon=80, n_candidates=4, spacing="even")
+    even = GFMCallback(overhead=None, record_every=2, jump_every=20, horizon=80, n_candidates=4, spacing="even")
     assert even._horizons(trainer, 100, win) == [20, 40, 60, 80]
     assert cb._horizons(trainer, 970, win) == [4, 8, 15, 30]  # never past the planned end
 
 
 def test_auto_schedule_from_max_epochs(tmp_path):
     torch.manual_seed(0)
-    cb = GFMCallback(eval_batches=1)
+    cb = GFMCallback(overhead=None, eval_batches=1)
     trainer = tiny_trainer(tmp_path, [cb], max_epochs=2)  # no max_steps: the length comes from the epochs
     trainer.fit(DigitsModule())
     assert trainer.global_step == int(trainer.estimated_stepping_batches) == 36  # 18 batches an epoch

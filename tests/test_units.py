@@ -212,3 +212,49 @@ def test_import_weight():
         "import sys, lightning_gfm; bad = [m for m in ('torchdyn', 'wandb') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_screening_evaluates_only_the_best_two_in_full():
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    target = spec.flatten() + 3.0
+    path = _path(spec, [0.0, 1.0, 2.0, 3.5, 5.0])
+    calls = {"full": 0, "screen": 0}
+
+    def metric():
+        return float((spec.flatten() - target).abs().mean())
+
+    def evaluate():
+        calls["full"] += 1
+        return metric()
+
+    def screen():  # a cheaper, noisier look: here the same metric plus a fixed offset
+        calls["screen"] += 1
+        return metric() + 0.1
+
+    decision = choose_and_apply(spec, path, evaluate, screen=screen, keep=2)
+    # the current weights and every candidate screened; the best two (3.5 and 2.0 from the target 3) in full
+    assert calls == {"full": 1 + 2, "screen": 1 + 4}
+    assert decision.outcome is JumpOutcome.ACCEPTED and decision.index == 3
+    assert [math.isnan(m) for m in decision.metrics] == [True, False, False, True]
+    assert decision.screened == pytest.approx([2.1, 1.1, 0.6, 2.1])
+    assert decision.ranking() == [3, 2, 4, 1]  # full first, then the screen (ties: the farther)
+
+
+def test_screening_rejects_cheaply_when_no_candidate_beats_the_current_weights():
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    target = spec.flatten()
+    before = spec.flatten().clone()
+    path = _path(spec, [0.0, 1.0, 2.0, 3.0, 4.0])
+    calls = []
+
+    def evaluate():
+        calls.append("full")
+        return float((spec.flatten() - target).abs().mean())
+
+    decision = choose_and_apply(spec, path, evaluate, screen=evaluate, keep=2)
+    assert len(calls) == 1 + 1 + 4  # before, its screen, four screens: no full evaluation of a candidate
+    assert decision.outcome is JumpOutcome.ROLLED_BACK and decision.index is None
+    assert all(math.isnan(m) for m in decision.metrics)
+    assert torch.equal(spec.flatten(), before)

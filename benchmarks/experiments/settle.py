@@ -1,0 +1,123 @@
+"""Probe: does a jump that lands worse settle ahead? Validation loss of each candidate trained a few more steps.
+
+At one attempt (the step ``--at`` of a task's run), GFM's default forecast is taken; then the no-jump reference,
+each of GFM's candidates and, for reference, the baseline run's own weights at the same horizons (the oracle) are
+each trained ``--settle`` more optimizer steps (default 10, 30 and 60) on the same training batches, and their
+validation loss (GFM's own evaluation batches, lower is better) is printed where they land and after each count:
+
+    python -m benchmarks.experiments.settle charlm --at 500 --seed 0
+
+One row per branch: ``no jump`` (now -> +10 -> +30 -> +60), ``gfm +h`` and ``oracle +h`` (landed -> ...). A
+candidate whose landed loss is above the reference's but whose settled loss is below it is the case settled
+acceptance (``GFMCallback(settle=...)``, :mod:`lightning_gfm.settle`) exists for. Dev tasks only by default: the
+held-out tasks are measured, never probed to choose a default (``benchmarks/heldout.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from benchmarks.methods import OracleJumps, TimedGFM
+from benchmarks.run import _quiet, run_one
+from benchmarks.suite import TASKS
+from lightning_gfm.jump import apply_state_policy
+from lightning_gfm.settle import TrainingState
+
+LOG = Path("benchmarks/results/experiments/settle.jsonl")
+
+
+class _Probe(TimedGFM):
+    """GFM at its defaults that, at step ``at``, trains every branch privately instead of jumping, then stops."""
+
+    def __init__(self, at: int, counts: list[int], oracle: OracleJumps | None, **kwargs):
+        super().__init__(settle=0, overhead=None, **kwargs)
+        self.at, self.counts, self.oracle, self.rows = at, sorted(counts), oracle, []
+
+    def should_jump(self, step: int) -> bool:
+        return step == self.at
+
+    def _attempt(self, trainer, pl_module, step, start) -> None:
+        from lightning_gfm.flow.window import Window
+
+        spec, opt = self._spec, trainer.optimizers[0]
+        win = Window.from_buffer(self.buffer, spec, self._dyn.state_names, self._total_steps(trainer), lean=self._lean)
+        horizons = self._horizons(trainer, step, win)
+        path, _ = self.forecast_path(trainer, pl_module, win, horizons)
+        branches = [("no jump", 0, None)] + [(f"gfm +{h}", h, ("gfm", k)) for k, h in enumerate(path.horizons) if k]
+        if self.oracle is not None:
+            branches += [(f"oracle +{h}", h, ("oracle", h)) for h in path.horizons[1:]]
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + step)
+            batches = self._settle_batches(trainer, self.counts[-1])
+        start_state = TrainingState.capture(pl_module, opt, spec.tensors)
+        for name, h, how in branches:
+            start_state.restore(pl_module, opt, spec.tensors)
+            if how is not None and how[0] == "gfm":
+                spec.write_(path.weights[how[1]].to(spec.device))
+                apply_state_policy(opt, spec, self.optimizer_state, path, how[1])
+            elif how is not None:
+                spec.write_(self.oracle.at(step + h).to(spec.device))
+            losses = [self._evaluate(trainer, pl_module)]
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed + step)
+                done = 0
+                for n in self.counts:
+                    for i in range(done, n):
+                        self._private_step(trainer, pl_module, opt, batches[i])
+                    done = n
+                    losses.append(self._evaluate(trainer, pl_module))
+            self.rows.append({"branch": name, "horizon": h, "losses": losses})
+        start_state.restore(pl_module, opt, spec.tensors)
+        trainer.should_stop = True
+
+
+def probe(task: str, at: int, seed: int, counts: list[int]) -> list[dict]:
+    """Rows ``{"branch", "horizon", "losses"}``: validation loss where each branch lands, then after each count."""
+    base, recorder = run_one(task, "baseline", seed, False)
+    t = TASKS[task]
+    budget = t.budget(False)
+    pl.seed_everything(seed, verbose=False)
+    module, kwargs = t.make(seed, False)
+    shared = dict(budget.schedule.callback_kwargs(), seed=seed)
+    oracle = OracleJumps(*recorder, **shared)
+    cb = _Probe(at, counts, oracle, **shared)
+    pl.Trainer(callbacks=[cb], **kwargs).fit(module)
+    if not cb.rows:
+        raise SystemExit(f"No attempt at step {at}: the window was not long enough yet, or the run ended first.")
+    return cb.rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task", choices=list(TASKS))
+    parser.add_argument("--at", type=int, required=True, help="global step of the attempt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settle", type=int, nargs="+", default=[10, 30, 60], help="settling steps to report")
+    parser.add_argument("--log", default=str(LOG))
+    args = parser.parse_args(argv)
+    if TASKS[args.task].split != "dev":
+        print(f"note: {args.task} is a {TASKS[args.task].split} task; no default may be chosen from this probe.")
+    torch.set_num_threads(1)
+    _quiet()
+    rows = probe(args.task, args.at, args.seed, args.settle)
+    ref = rows[0]["losses"]
+    head = " -> ".join(["landed", *(f"+{n}" for n in sorted(args.settle))])
+    print(f"{args.task} seed {args.seed}, attempt at step {args.at}: validation loss ({head})")
+    for r in rows:
+        marks = " ".join("<" if v < ref[i] else " " for i, v in enumerate(r["losses"]))
+        print(f"  {r['branch']:12s} " + " -> ".join(f"{v:.4f}" for v in r["losses"]) + f"   [{marks}]")
+    print("  ('<': below the no-jump reference after the same steps)")
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(json.dumps({"task": args.task, "at": args.at, "seed": args.seed, "rows": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
