@@ -6,6 +6,10 @@ Protocol (see ``docs/forecasting.md``):
    several initialisations, five optimizers (SGD, SGD+momentum, Adam, AdamW, RMSprop), ``T`` steps of batch 64,
    a snapshot (flat weights, optimizer state, learning rates, optimizer step) every ``every`` steps, stored in a
    :class:`~lightning_gfm.trajectory.TrajectoryBuffer` exactly as :class:`~lightning_gfm.GFMCallback` records.
+   Each run has a learning-rate schedule (:data:`SCHEDULES`, a torch scheduler stepped after every optimizer
+   step): ``constant`` for every run evaluated in ``seen``, ``unseen-init``, ``unseen-arch`` and
+   ``unseen-optimizer`` and for the bulk of the training split, which also holds ``step`` and ``cosine`` runs;
+   ``warmup-cosine`` and ``one-cycle`` runs are only ever evaluated (``unseen-schedule``).
 2. Task. Observe the snapshots up to step ``s_p = p * T`` and forecast the final weights ``w_T``. Metrics: relative
    error ``||w_hat - w_T|| / ||w_T - w_p||`` (1.0 = the last observed value) and validation loss / accuracy of the
    model with the forecast weights versus with the true final ones.
@@ -13,10 +17,14 @@ Protocol (see ``docs/forecasting.md``):
    ``transformer`` (per-scalar sequence models shared by all parameters, trained on the corpus' training split with
    the same budget), ``gfm`` (a fresh field fitted on the run's own observed window, chosen against the prior by
    the callback's backtest), ``gfm-fitted`` (the fitted field, no backtest choice) and ``gfm-prior`` (unfitted).
+   GFM integrates with the run's own future learning rates: its scheduler, copied at ``s_p``, replayed on a
+   stand-in optimizer (as the callback replays a Lightning scheduler).
 4. Splits: ``seen`` (initialisations also used for training, a different data-order seed), ``unseen-init``
    (initialisation seeds never trained on), ``unseen-arch`` (sequence models trained without the evaluated
-   architecture). GFM is fitted per trajectory on its own observed part, so for it (and for ``last``/``linear``)
-   the splits differ only in which trajectories are evaluated.
+   architecture), ``unseen-optimizer`` (sequence models trained without the evaluated run's optimizer family:
+   ``sgd``, ``momentum``, ``adam`` = Adam and AdamW, ``rmsprop``), ``unseen-schedule`` (runs with a schedule that
+   no training run uses). GFM is fitted per trajectory on its own observed part, so for it (and for
+   ``last``/``linear``) the splits differ only in which trajectories are evaluated.
 
 Run ``python -m benchmarks.forecasting [--quick] [--out benchmarks/results/forecasting.json]``.
 """
@@ -24,6 +32,7 @@ Run ``python -m benchmarks.forecasting [--quick] [--out benchmarks/results/forec
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -34,6 +43,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_gfm.dynamics import Dynamics, dynamics_for, future_learning_rates, lr_by_step, take_snapshot
 from lightning_gfm.flow.field import FieldConfig, GradientField
@@ -44,7 +54,8 @@ from lightning_gfm.params import ParamSpec
 from lightning_gfm.trajectory import TrajectoryBuffer
 
 FORECASTERS = ("last", "linear", "lstm", "transformer", "gfm", "gfm-fitted", "gfm-prior")
-SPLITS = ("seen", "unseen-init", "unseen-arch")
+SPLITS = ("seen", "unseen-init", "unseen-arch", "unseen-optimizer", "unseen-schedule")
+SCHEDULES = ("constant", "step", "cosine", "warmup-cosine", "one-cycle")
 
 
 # --------------------------------------------------------------------------------------------------- corpus
@@ -77,6 +88,69 @@ OPTIMIZERS = {
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05),
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
 }
+# optimizer family = the update rule GFM's dynamics model (AdamW is Adam's rule with decoupled weight decay)
+FAMILIES = {"SGDDynamics": "sgd", "MomentumDynamics": "momentum", "AdamDynamics": "adam", "RMSpropDynamics": "rmsprop"}
+
+
+def make_scheduler(name: str, opt: torch.optim.Optimizer, total: int) -> LRScheduler | None:
+    """The learning-rate schedule ``name`` for a run of ``total`` optimizer steps, stepped after every step.
+
+    Every schedule scales each param group's own learning rate (the optimizer's, from :data:`OPTIMIZERS`), so the
+    five optimizers keep their relative step sizes:
+
+    - ``constant``: no scheduler.
+    - ``step``: halved after every quarter of the run (``StepLR``).
+    - ``cosine``: cosine annealing to 0 at ``total`` (``CosineAnnealingLR``).
+    - ``warmup-cosine``: linear warm-up over the first tenth, then cosine annealing to 0 (``LambdaLR``).
+    - ``one-cycle``: from lr/25 up to lr over the first 30 %, then cosine down to lr/25e4 (``OneCycleLR``), with
+      its momentum cycling off: cycling would give plain SGD a momentum and change Adam's betas, i.e. change the
+      optimizer family rather than only the learning rate.
+
+    Raises:
+        ValueError: for a name outside :data:`SCHEDULES`.
+    """
+    sched = torch.optim.lr_scheduler
+    if name == "constant":
+        return None
+    if name == "step":
+        return sched.StepLR(opt, step_size=max(1, total // 4), gamma=0.5)
+    if name == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=total)
+    if name == "warmup-cosine":
+        warm = max(1, total // 10)
+        decay = max(1, total - warm)
+
+        def factor(calls: int) -> float:  # ``calls`` scheduler steps done: the factor of step ``calls + 1``
+            if calls < warm:
+                return (calls + 1) / warm
+            return 0.5 * (1.0 + math.cos(math.pi * min(calls - warm, decay) / decay))
+
+        return sched.LambdaLR(opt, factor)
+    if name == "one-cycle":
+        peak = [float(g["lr"]) for g in opt.param_groups]
+        return sched.OneCycleLR(opt, max_lr=peak, total_steps=total, pct_start=0.3, cycle_momentum=False)
+    raise ValueError(f"Unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}.")
+
+
+def lr_checkpoint(
+    opt: torch.optim.Optimizer, sched: LRScheduler | None
+) -> tuple[torch.optim.Optimizer, LRScheduler | None]:
+    """A detached copy of the run's learning-rate state now: what GFM may know about the future lrs at this step.
+
+    A stand-in optimizer holds a copy of every param group's hyperparameters (current and initial lr included)
+    with one dummy tensor each, and the scheduler is deep-copied onto it. Replaying it
+    (:func:`~lightning_gfm.dynamics.future_learning_rates`) yields the learning rates the run will use next without
+    touching the live optimizer, its parameters or anything recorded after this step.
+    """
+    stand_in = torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    stand_in.param_groups = [
+        {**{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}, "params": [torch.zeros(1)]}
+        for g in opt.param_groups
+    ]
+    stand_in.state = {}  # type: ignore[assignment]
+    if sched is None:
+        return stand_in, None
+    return stand_in, copy.deepcopy(sched, memo={id(opt): stand_in})
 
 
 @dataclass(frozen=True)
@@ -89,10 +163,16 @@ class Config:
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     archs: tuple[str, ...] = tuple(ARCHS)
     optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
-    train_inits: tuple[int, ...] = (0, 1, 2)  # data seed 0: the sequence models' training split
+    train_inits: tuple[int, ...] = (0, 1, 2)  # data seed 0, constant lr: the sequence models' training split
     seen_inits: tuple[int, ...] = (0, 1)  # data seed 1: same initialisations, new trajectories
     unseen_inits: tuple[int, ...] = (3, 4)  # data seed 0: initialisations never trained on
     holdout_archs: tuple[str, ...] = tuple(ARCHS)  # leave-one-architecture-out for `unseen-arch`
+    holdout_families: tuple[str, ...] = ("sgd", "momentum", "adam", "rmsprop")  # leave-one-out, `unseen-optimizer`
+    train_schedules: tuple[str, ...] = ("step", "cosine")  # scheduled runs added to the training split
+    schedule_train_inits: tuple[int, ...] = (0,)  # data seed 2: their initialisations
+    unseen_schedules: tuple[str, ...] = ("warmup-cosine", "one-cycle")  # `unseen-schedule`: never trained on
+    schedule_eval_inits: tuple[int, ...] = (0,)  # data seed 1: `seen`'s runs, with an unseen schedule instead
+    schedule_archs: tuple[str, ...] = tuple(ARCHS)  # architectures of the scheduled runs (training and evaluated)
     seq_len: int = 7  # observed velocities fed to the sequence models
     seq_hidden: int = 32
     seq_steps: int = 1000
@@ -110,6 +190,15 @@ class Config:
     backtest: int = 3
     seed: int = 0
 
+    def check(self) -> None:
+        """Raise ``ValueError`` unless the ``unseen-schedule`` runs' schedules are really absent from training."""
+        for name in (*self.train_schedules, *self.unseen_schedules):
+            if name not in SCHEDULES:
+                raise ValueError(f"Unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}.")
+        trained = {"constant", *self.train_schedules}
+        if trained & set(self.unseen_schedules):
+            raise ValueError(f"`unseen_schedules` {self.unseen_schedules} overlap the training schedules {trained}.")
+
 
 QUICK = Config(
     steps=160,
@@ -118,7 +207,9 @@ QUICK = Config(
     seen_inits=(0,),
     unseen_inits=(1,),
     holdout_archs=("cnn",),
-    optimizers=("sgd", "momentum", "adam", "rmsprop"),
+    optimizers=("sgd", "adam", "adamw", "rmsprop"),
+    holdout_families=("adam",),
+    schedule_archs=("mlp-tanh",),
     seq_steps=40,
     seq_samples=200,
     gfm_steps=20,
@@ -146,7 +237,12 @@ def digits_data() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
 
 @dataclass
 class Run:
-    """One recorded trajectory and the live objects that produced it (used to evaluate forecast weights)."""
+    """One recorded trajectory and the live objects that produced it (used to evaluate forecast weights).
+
+    ``lr_states[k]`` is :func:`lr_checkpoint` taken with snapshot ``k``: the only source of future learning rates a
+    forecaster may use. ``lr_trace`` (``(T, G)``, the lr each optimizer step actually used) is ground truth, read
+    only to check the replayed rates.
+    """
 
     arch: str
     optimizer: str
@@ -157,6 +253,9 @@ class Run:
     spec: ParamSpec
     dyn: Dynamics
     buffer: TrajectoryBuffer
+    schedule: str = "constant"
+    lr_states: list[tuple[torch.optim.Optimizer, LRScheduler | None]] = field(default_factory=list)
+    lr_trace: Tensor | None = None
     w: Tensor = field(init=False)  # (K, P) float64
     steps: Tensor = field(init=False)  # (K,) float64
 
@@ -165,19 +264,34 @@ class Run:
         self.steps = torch.tensor(self.buffer.steps, dtype=torch.float64)
 
     @property
+    def family(self) -> str:
+        """Optimizer family (:data:`FAMILIES`): the update rule, so ``adam`` and ``adamw`` are one family."""
+        return FAMILIES[type(self.dyn).__name__]
+
+    @property
     def key(self) -> tuple:
-        return (self.arch, self.optimizer, self.init_seed, self.data_seed)
+        return (self.arch, self.optimizer, self.schedule, self.init_seed, self.data_seed)
 
 
-def record_run(arch: str, optimizer: str, init_seed: int, data_seed: int, data, cfg: Config) -> Run:
-    """Train one model with a plain torch loop and record a snapshot every ``cfg.every`` steps."""
+def record_run(
+    arch: str, optimizer: str, init_seed: int, data_seed: int, data, cfg: Config, schedule: str = "constant"
+) -> Run:
+    """Train one model with a plain torch loop and record a snapshot every ``cfg.every`` steps.
+
+    The scheduler (:func:`make_scheduler`) is stepped after every optimizer step and before the snapshot, as
+    Lightning steps an ``interval="step"`` scheduler before ``on_train_batch_end``: a snapshot's learning rates
+    are those of the next step. A constant schedule creates no scheduler, so those runs are the same as without
+    schedules.
+    """
     (xtr, ytr), _ = data
     torch.manual_seed(init_seed)
     model = ARCHS[arch]()
     opt = OPTIMIZERS[optimizer](model.parameters())
     spec = ParamSpec.from_module(model, opt)
     dyn = dynamics_for(opt, spec)
+    sched = make_scheduler(schedule, opt, cfg.steps)
     buf = TrajectoryBuffer(cfg.steps // cfg.every + 1)
+    lr_states, trace = [], torch.empty(cfg.steps, len(opt.param_groups), dtype=torch.float64)
     gen = torch.Generator().manual_seed(10_000 + data_seed)
     order, pos = torch.randperm(len(xtr), generator=gen), 0
     for s in range(1, cfg.steps + 1):
@@ -188,10 +302,14 @@ def record_run(arch: str, optimizer: str, init_seed: int, data_seed: int, data, 
         loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        trace[s - 1] = torch.tensor([float(g["lr"]) for g in opt.param_groups], dtype=torch.float64)
         opt.step()
+        if sched is not None:
+            sched.step()
         if s % cfg.every == 0:
             buf.append(take_snapshot(opt, spec, dyn.state_names, s))
-    return Run(arch, optimizer, init_seed, data_seed, model, opt, spec, dyn, buf)
+            lr_states.append(lr_checkpoint(opt, sched))
+    return Run(arch, optimizer, init_seed, data_seed, model, opt, spec, dyn, buf, schedule, lr_states, trace)
 
 
 @torch.no_grad()
@@ -304,22 +422,75 @@ class SeqTransformer(nn.Module):
         return self.head(torch.cat([h[:, -1], static], dim=1)).squeeze(-1)
 
 
+LABELS = ("arch", "optimizer", "family", "schedule")  # per-sample provenance kept in SeqData
+
+
 @dataclass
 class SeqData:
-    """Training samples for the sequence models: inputs, clipped targets and each sample's architecture."""
+    """Training samples for the sequence models: inputs, clipped targets and each sample's provenance.
+
+    ``labels[attr]`` lists the values of a :data:`LABELS` attribute over the training runs (sorted) and
+    ``codes[attr]`` gives each sample's index into it, so that a split's exclusion is applied to the samples
+    themselves.
+    """
 
     seq: Tensor
     static: Tensor
     target: Tensor
-    arch: list[str]
-    arch_of: Tensor
+    labels: dict[str, list[str]]
+    codes: dict[str, Tensor]
+
+    def values(self, attr: str, keep: Tensor | None = None) -> list[str]:
+        """The values of ``attr`` that occur among the samples selected by ``keep`` (all samples by default)."""
+        codes = self.codes[attr] if keep is None else self.codes[attr][keep]
+        return [self.labels[attr][i] for i in sorted(set(codes.tolist()))]
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Training runs a sequence model must not see: those whose ``attr`` (one of :data:`LABELS`) is in ``values``."""
+
+    attr: str
+    values: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """Identifier of the resulting model (``"family!=adam"``), also written into every row it forecasts."""
+        return f"{self.attr}!={'|'.join(self.values)}"
+
+    def keep(self, data: SeqData) -> Tensor:
+        """Boolean mask over ``data``'s samples: ``True`` where the sample's run is not excluded."""
+        ids = [data.labels[self.attr].index(v) for v in self.values if v in data.labels[self.attr]]
+        return ~torch.isin(data.codes[self.attr], torch.tensor(ids, dtype=torch.long))
+
+
+def model_name(exclude: Exclusion | None) -> str:
+    """``"all"`` for the models trained on the whole training split, else the exclusion's name."""
+    return "all" if exclude is None else exclude.name
+
+
+def split_exclusion(split: str, run: Run, cfg: Config) -> Exclusion | None:
+    """What the sequence models that forecast ``run`` in ``split`` were trained without.
+
+    ``unseen-arch`` leaves out the run's architecture, ``unseen-optimizer`` its optimizer family (so that holding
+    out Adam also holds out AdamW, the same update rule), ``unseen-schedule`` every schedule of that split (none of
+    which the training split uses: the exclusion states, and the benchmark checks, that it removes nothing).
+    """
+    if split == "unseen-arch":
+        return Exclusion("arch", (run.arch,))
+    if split == "unseen-optimizer":
+        return Exclusion("family", (run.family,))
+    if split == "unseen-schedule":
+        return Exclusion("schedule", tuple(cfg.unseen_schedules))
+    return None
 
 
 def seq_dataset(runs: list[Run], cfg: Config) -> SeqData:
     """Every anchor with a full input sequence, a random subset of scalars each; target is always ``w_T``."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    seqs, statics, targets, arch_ids = [], [], [], []
-    archs = sorted({r.arch for r in runs})
+    seqs, statics, targets = [], [], []
+    labels = {a: sorted({str(getattr(r, a)) for r in runs}) for a in LABELS}
+    codes: dict[str, list[Tensor]] = {a: [] for a in LABELS}
     for run in runs:
         K = len(run.steps)  # noqa: N806
         for n in range(cfg.seq_len + 1, K):
@@ -329,15 +500,26 @@ def seq_dataset(runs: list[Run], cfg: Config) -> SeqData:
             seqs.append(seq[pick])
             statics.append(static[pick])
             targets.append(z.clamp(-TARGET_CLIP, TARGET_CLIP))
-            arch_ids.append(torch.full((len(pick),), archs.index(run.arch)))
-    return SeqData(torch.cat(seqs), torch.cat(statics), torch.cat(targets), archs, torch.cat(arch_ids))
+            for a in LABELS:
+                codes[a].append(torch.full((len(pick),), labels[a].index(str(getattr(run, a)))))
+    return SeqData(
+        torch.cat(seqs), torch.cat(statics), torch.cat(targets), labels, {a: torch.cat(c) for a, c in codes.items()}
+    )
 
 
-def train_seq_model(kind: str, data: SeqData, exclude_arch: str | None, cfg: Config) -> tuple[nn.Module, dict]:
-    """Train one sequence model (same steps, batch and optimizer for both kinds) on ``data`` minus one arch."""
-    keep = torch.ones(len(data.target), dtype=torch.bool)
-    if exclude_arch is not None:
-        keep = data.arch_of != data.arch.index(exclude_arch)
+def train_seq_model(kind: str, data: SeqData, exclude: Exclusion | None, cfg: Config) -> tuple[nn.Module, dict]:
+    """Train one sequence model on ``data`` minus the excluded runs' samples.
+
+    The budget (steps, batch, optimizer, seeds) is the same for both kinds and every exclusion, so the splits
+    differ only in the data. The returned info's ``trained_on`` lists, per :data:`LABELS` attribute, the values
+    present in the samples actually trained on.
+
+    Raises:
+        ValueError: when the exclusion leaves no sample.
+    """
+    keep = torch.ones(len(data.target), dtype=torch.bool) if exclude is None else exclude.keep(data)
+    if not keep.any():
+        raise ValueError(f"Excluding {model_name(exclude)} leaves no training sample.")
     seq, static, target = data.seq[keep], data.static[keep], data.target[keep]
     torch.manual_seed(cfg.seed)
     model = SeqLSTM(cfg.seq_hidden) if kind == "lstm" else SeqTransformer(cfg.seq_hidden, cfg.seq_len)
@@ -359,7 +541,9 @@ def train_seq_model(kind: str, data: SeqData, exclude_arch: str | None, cfg: Con
     tail = losses[-max(1, len(losses) // 10) :]
     info = {
         "kind": kind,
-        "exclude_arch": exclude_arch,
+        "model": model_name(exclude),
+        "exclude_arch": exclude.values[0] if exclude is not None and exclude.attr == "arch" else None,
+        "trained_on": {a: data.values(a, keep) for a in LABELS},
         "params": sum(p.numel() for p in model.parameters()),
         "samples": int(keep.sum()),
         "steps": cfg.seq_steps,
@@ -378,12 +562,26 @@ def forecast_seq(model: nn.Module, run: Run, n: int, cfg: Config) -> Tensor:
 
 
 # -------------------------------------------------------------------------------------------------- GFM
+def gfm_lr_steps(run: Run, n: int) -> Tensor:
+    """Learning rates of the ``H = T - s_p`` steps after the ``n``-th snapshot, shape ``(H + 1, G)``.
+
+    The run's scheduler as it was at ``s_p`` (:attr:`Run.lr_states`) is replayed for ``H - 1`` calls: row ``j`` is
+    the learning rate of step ``s_p + j + 1``. The last row, which no step uses, repeats the final step's rate
+    rather than the one a scheduler gives after ``T`` (off the schedule for ``OneCycleLR``, which is defined for
+    ``T`` steps only).
+    """
+    stand_in, sched = run.lr_states[n - 1]
+    horizon = int(run.steps[-1] - run.steps[n - 1])
+    return lr_by_step(future_learning_rates(stand_in, sched, horizon - 1), horizon, 1)
+
+
 def forecast_gfm(run: Run, n: int, cfg: Config) -> tuple[dict[str, Tensor], dict]:
     """Fit a fresh field on the run's observed window (at most ``gfm_window`` latest snapshots) and forecast ``T``.
 
     Returns ``{"gfm": chosen, "gfm-fitted": fitted, "gfm-prior": prior}`` and diagnostics. The choice is the
     callback's: the fitted field unless its backtest error (forecasting the last observed snapshot from
-    ``backtest`` snapshots earlier) is worse than the prior's.
+    ``backtest`` snapshots earlier) is worse than the prior's. The learning rates come from :func:`gfm_lr_steps`;
+    the diagnostics compare them with the rates the run really used (``lr_replay_error``, relative).
     """
     start = time.perf_counter()
     cap = min(cfg.gfm_window, n)
@@ -392,8 +590,9 @@ def forecast_gfm(run: Run, n: int, cfg: Config) -> tuple[dict[str, Tensor], dict
         buf.append(run.buffer[i])
     total = int(run.steps[-1])
     win = Window.from_buffer(buf, run.spec, run.dyn.state_names, total_steps=total)
-    horizon = total - int(run.steps[n - 1])
-    lr_steps = lr_by_step(future_learning_rates(run.opt, None, 0), horizon, 1)  # constant lr in this corpus
+    s_p = int(run.steps[n - 1])
+    horizon = total - s_p
+    lr_steps = gfm_lr_steps(run, n)
     config = FieldConfig(history=cfg.gfm_history, span=cfg.gfm_span, anchor=cfg.gfm_anchor, trend=cfg.gfm_trend)
     torch.manual_seed(cfg.seed)
     fitted, prior = GradientField(config), GradientField(config)
@@ -413,6 +612,7 @@ def forecast_gfm(run: Run, n: int, cfg: Config) -> tuple[dict[str, Tensor], dict
     for name, f in (("gfm-fitted", fitted), ("gfm-prior", prior)):
         out[name] = forecast(f, win, run.dyn, lr_steps, [horizon]).weights[1].double()
     out["gfm"] = out["gfm-fitted"] if use_fitted else out["gfm-prior"]
+    used = lr_steps[:horizon]
     info = {
         "window": cap,
         "horizon_steps": horizon,
@@ -423,9 +623,19 @@ def forecast_gfm(run: Run, n: int, cfg: Config) -> tuple[dict[str, Tensor], dict
         "backtest_fitted": bt_fitted,
         "backtest_prior": bt_prior,
         "chose": "fitted" if use_fitted else "prior",
+        "lr_range": [float(used.min()), float(used.max())],
+        "lr_replay_error": _lr_error(used, run, s_p),
         "seconds": round(time.perf_counter() - start, 3),
     }
     return out, info
+
+
+def _lr_error(lr_steps: Tensor, run: Run, s_p: int) -> float:
+    """Largest relative gap between ``lr_steps`` and the rates steps ``s_p + 1, ...`` really used (NaN: unknown)."""
+    if run.lr_trace is None:
+        return math.nan
+    true = run.lr_trace[s_p : s_p + len(lr_steps)]
+    return float(((lr_steps - true).abs() / true.abs().clamp_min(1e-30)).max())
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -438,45 +648,79 @@ def _finite(x: float) -> float | None:
     return round(x, 6) if math.isfinite(x) else None
 
 
+def _record_corpus(cfg: Config, data) -> tuple[list[Run], dict[str, list[Run]]]:
+    """The sequence models' training runs and the evaluated runs, by role (see :class:`Config` for the seeds)."""
+
+    def record(archs, inits, data_seed, schedules=("constant",)):
+        return [
+            record_run(a, o, i, data_seed, data, cfg, schedule=s)
+            for a in archs
+            for o in cfg.optimizers
+            for s in schedules
+            for i in inits
+        ]
+
+    train = record(cfg.archs, cfg.train_inits, 0)
+    train += record(cfg.schedule_archs, cfg.schedule_train_inits, 2, cfg.train_schedules)
+    evals = {
+        "seen": record(cfg.archs, cfg.seen_inits, 1),
+        "unseen-init": record(cfg.archs, cfg.unseen_inits, 0),
+        "unseen-schedule": record(cfg.schedule_archs, cfg.schedule_eval_inits, 1, cfg.unseen_schedules),
+    }
+    return train, evals
+
+
 def run_benchmark(cfg: Config = Config(), out: str | Path | None = None, command: str = "", log=print) -> dict:
     """Record the corpus, train the sequence models, evaluate every forecaster; write the JSON to ``out``."""
+    cfg.check()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     data = digits_data()
 
     # 1. corpus
-    def record(inits, data_seed):
-        return [record_run(a, o, i, data_seed, data, cfg) for a in cfg.archs for o in cfg.optimizers for i in inits]
-
-    train_runs = record(cfg.train_inits, 0)
-    eval_runs = {"seen": record(cfg.seen_inits, 1), "unseen-init": record(cfg.unseen_inits, 0)}
+    train_runs, eval_runs = _record_corpus(cfg, data)
     timings["record"] = time.perf_counter() - t0
     n_runs = len(train_runs) + sum(map(len, eval_runs.values()))
     log(f"recorded {n_runs} trajectories in {timings['record']:.1f}s")
+    constant = eval_runs["seen"] + eval_runs["unseen-init"]
+    split_runs = {
+        "seen": eval_runs["seen"],
+        "unseen-init": eval_runs["unseen-init"],
+        "unseen-arch": [r for r in constant if r.arch in cfg.holdout_archs],
+        "unseen-optimizer": [r for r in constant if r.family in cfg.holdout_families],
+        "unseen-schedule": eval_runs["unseen-schedule"],
+    }
 
-    # 2. sequence models: one pair on all training archs, one pair per held-out arch
+    # 2. sequence models: one pair on the whole training split, one pair per exclusion a split needs
     t = time.perf_counter()
     sdata = seq_dataset(train_runs, cfg)
-    seq_models: dict[tuple[str, str | None], nn.Module] = {}
+    exclusions = list(dict.fromkeys(split_exclusion(s, r, cfg) for s in SPLITS for r in split_runs[s]))
+    if None not in exclusions:
+        exclusions.insert(0, None)
+    exclusions.sort(key=lambda e: e is not None)  # the whole-split models first: a no-op exclusion reuses them
+    seq_models: dict[tuple[str, str], nn.Module] = {}
     seq_info = []
-    for exclude in (None, *cfg.holdout_archs):
+    for exclude in exclusions:
+        name = model_name(exclude)
         for kind in ("lstm", "transformer"):
-            model, info = train_seq_model(kind, sdata, exclude, cfg)
-            seq_models[kind, exclude] = model
+            if exclude is not None and bool(exclude.keep(sdata).all()):
+                # nothing to leave out (``unseen-schedule``): the same data and seeds would give the same model
+                model = seq_models[kind, "all"]
+                info = {**next(i for i in seq_info if i["kind"] == kind and i["model"] == "all")}
+                info.update(model=name, exclude_arch=None, reused="all", seconds=0.0)
+                log(f"{kind} ({name}): nothing to leave out, the whole-split model is reused")
+            else:
+                model, info = train_seq_model(kind, sdata, exclude, cfg)
+                log(f"trained {kind} ({name}): loss {info['final_loss']:.4f} in {info['seconds']}s")
+            seq_models[kind, name] = model
             seq_info.append(info)
-            log(f"trained {kind} (without {exclude}): loss {info['final_loss']:.4f} in {info['seconds']}s")
     timings["seq_train"] = time.perf_counter() - t
 
     # 3. forecasts on every evaluated trajectory (GFM, last, linear do not depend on the split)
     t = time.perf_counter()
-    split_runs = {
-        "seen": eval_runs["seen"],
-        "unseen-init": eval_runs["unseen-init"],
-        "unseen-arch": [r for rs in eval_runs.values() for r in rs if r.arch in cfg.holdout_archs],
-    }
     shared: dict[tuple, dict[str, Tensor]] = {}
     gfm_diag = []
-    for run in split_runs["seen"] + split_runs["unseen-init"]:
+    for run in (r for rs in eval_runs.values() for r in rs):
         for p in cfg.fractions:
             n = observed(run, p)
             gfm, info = forecast_gfm(run, n, cfg)
@@ -485,6 +729,7 @@ def run_benchmark(cfg: Config = Config(), out: str | Path | None = None, command
                 {
                     "arch": run.arch,
                     "optimizer": run.optimizer,
+                    "schedule": run.schedule,
                     "init_seed": run.init_seed,
                     "data_seed": run.data_seed,
                     "p": p,
@@ -499,29 +744,32 @@ def run_benchmark(cfg: Config = Config(), out: str | Path | None = None, command
     true_metrics = {run.key: evaluate(run, run.w[-1], data) for rs in eval_runs.values() for run in rs}
     for split, runs in split_runs.items():
         for run in runs:
-            exclude = run.arch if split == "unseen-arch" else None
+            name = model_name(split_exclusion(split, run, cfg))
             for p in cfg.fractions:
                 n = observed(run, p)
                 preds = dict(shared[run.key, p])
                 for kind in ("lstm", "transformer"):
-                    preds[kind] = forecast_seq(seq_models[kind, exclude], run, n, cfg)
+                    preds[kind] = forecast_seq(seq_models[kind, name], run, n, cfg)
                 true_loss, true_acc = true_metrics[run.key]
-                for name in FORECASTERS:
-                    loss, acc = evaluate(run, preds[name], data)
+                for f in FORECASTERS:
+                    loss, acc = evaluate(run, preds[f], data)
                     rows.append(
                         {
                             "split": split,
                             "p": p,
-                            "forecaster": name,
+                            "forecaster": f,
                             "optimizer": run.optimizer,
+                            "family": run.family,
                             "arch": run.arch,
-                            "rel_error": _finite(_rel_error(preds[name], run, n)),
+                            "schedule": run.schedule,
+                            "rel_error": _finite(_rel_error(preds[f], run, n)),
                             "val_loss": _finite(loss),
                             "val_acc": _finite(acc),
                             "true_val_loss": round(true_loss, 6),
                             "true_val_acc": round(true_acc, 6),
                             "init_seed": run.init_seed,
                             "data_seed": run.data_seed,
+                            "seq_model": name,
                         }
                     )
     timings["evaluate"] = time.perf_counter() - t
@@ -535,7 +783,8 @@ def run_benchmark(cfg: Config = Config(), out: str | Path | None = None, command
             f"(trajectory, p), fit_field {cfg.gfm_steps} steps x {cfg.gfm_batch} scalars, Adam {cfg.gfm_lr}",
             "window": f"the latest min({cfg.gfm_window}, observed) snapshots",
             "choice": f"backtest_error(lag={cfg.backtest}) fitted <= prior, else prior (the callback's rule)",
-            "lr": "lr_by_step(future_learning_rates(opt, None, 0), H, 1): constant, as recorded",
+            "lr": "lr_by_step(future_learning_rates(stand-in optimizer, the run's scheduler copied at s_p, H - 1), "
+            "H, 1): the run's own schedule replayed (constant runs: the constant lr)",
         },
         "seq_models": seq_info,
         "gfm_diagnostics": gfm_diag,
@@ -582,18 +831,27 @@ def _fmt(x: float) -> str:
 
 
 def render_tables(result: dict) -> str:
-    """Markdown tables of the result: median relative error / val-loss gap per split x p x forecaster, and
-    per optimizer at p = 0.5 (or the middle fraction run)."""
+    """Markdown tables of the result: median relative error / val-loss gap per split x p x forecaster, per
+    optimizer at p = 0.5 (or the middle fraction run), and per schedule for the splits with scheduled runs.
+
+    Rows without ``schedule`` (result files written before schedules existed) count as ``constant``.
+    """
     rows = result["rows"]
     names = [f for f in FORECASTERS if any(r["forecaster"] == f for r in rows)]
     fractions = sorted({r["p"] for r in rows})
     splits = [s for s in SPLITS if any(r["split"] == s for r in rows)]
 
+    def schedule(r: dict) -> str:
+        return r.get("schedule", "constant")
+
     def pick(**kw):
-        return [r for r in rows if all(r[k] == v for k, v in kw.items())]
+        return [r for r in rows if all((schedule(r) if k == "schedule" else r[k]) == v for k, v in kw.items())]
 
     def gap(rs):
         return [None if r["val_loss"] is None else r["val_loss"] - r["true_val_loss"] for r in rs]
+
+    def cell(rs) -> str:
+        return f"{_fmt(_median([r['rel_error'] for r in rs]))} ({_fmt(_median(gap(rs)))})"
 
     lines = [
         "Median relative error `||w_hat - w_T|| / ||w_T - w_p||` (median validation-loss gap to the true final "
@@ -604,11 +862,8 @@ def render_tables(result: dict) -> str:
     ]
     for split in splits:
         for p in fractions:
-            cells = []
             n = len(pick(split=split, p=p, forecaster="last"))
-            for f in names:
-                rs = pick(split=split, p=p, forecaster=f)
-                cells.append(f"{_fmt(_median([r['rel_error'] for r in rs]))} ({_fmt(_median(gap(rs)))})")
+            cells = [cell(pick(split=split, p=p, forecaster=f)) for f in names]
             lines.append(f"| {split} | {p} | {n} | " + " | ".join(cells) + " |")
     p_mid = 0.5 if 0.5 in fractions else fractions[len(fractions) // 2]
     optimizers = sorted({r["optimizer"] for r in rows}, key=lambda o: list(OPTIMIZERS).index(o))
@@ -616,11 +871,17 @@ def render_tables(result: dict) -> str:
     lines += ["| split | forecaster | " + " | ".join(optimizers) + " |", "|---|---|" + "---|" * len(optimizers)]
     for split in splits:
         for f in names:
-            cells = []
-            for o in optimizers:
-                rs = pick(split=split, p=p_mid, forecaster=f, optimizer=o)
-                cells.append(f"{_fmt(_median([r['rel_error'] for r in rs]))} ({_fmt(_median(gap(rs)))})")
+            cells = [cell(pick(split=split, p=p_mid, forecaster=f, optimizer=o)) for o in optimizers]
             lines.append(f"| {split} | {f} | " + " | ".join(cells) + " |")
+    scheduled = [s for s in splits if any(schedule(r) != "constant" for r in pick(split=s))]
+    if scheduled:
+        present = [s for s in SCHEDULES if any(schedule(r) == s for r in rows if r["split"] in scheduled)]
+        lines += ["", f"Per schedule at p = {p_mid}: median relative error (median val-loss gap).", ""]
+        lines += ["| split | forecaster | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
+        for split in scheduled:
+            for f in names:
+                cells = [cell(pick(split=split, p=p_mid, forecaster=f, schedule=s)) for s in present]
+                lines.append(f"| {split} | {f} | " + " | ".join(cells) + " |")
     diag = result.get("gfm_diagnostics", [])
     if diag:
         lines += ["", "GFM backtest choice (fitted field vs prior) and median backtest errors, per optimizer.", ""]
