@@ -123,7 +123,9 @@ def test_prior_and_fitted_field_reach_as_far_as_the_window_lets_them(tmp_path):
 
 
 def test_every_branch_is_evaluated_and_the_choice_is_recorded(tmp_path):
-    cb = GFMCallback(overhead=None, record_every=2, jump_every=20, eval_batches=2, n_candidates=3, branch_trends=(3,))
+    cb = GFMCallback(
+        overhead=None, record_every=2, jump_every=20, eval_batches=1, n_candidates=3, branch_trends=(3,)
+    )  # one batch: no screen, every point in full
     seen = []
     original = cb._log
 
@@ -150,7 +152,9 @@ def test_every_branch_is_evaluated_and_the_choice_is_recorded(tmp_path):
 
 
 def test_no_branch_evaluates_one_path_from_the_current_weights(tmp_path):
-    cb = GFMCallback(overhead=None, record_every=2, jump_every=20, eval_batches=2, n_candidates=3, branch_trends=())
+    cb = GFMCallback(
+        overhead=None, record_every=2, jump_every=20, eval_batches=1, n_candidates=3, branch_trends=()
+    )  # one batch: no screen, every point in full
     _fit(tmp_path, cb)
     assert [j.step for j in cb.jumps] == [20, 40, 60]
     for j, want in zip(cb.jumps, ([1, 2, 4], [6, 12, 24], [5, 10, 20]), strict=True):

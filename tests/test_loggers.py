@@ -130,7 +130,8 @@ def test_forecast_skill_logged_where_rolled_back_forecasts_land(tmp_path):
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("gfm/forecast_skill/relative_error")]
     # with trend branches every path shares the horizons and the skill follows the field's path: count each once
-    first, second = (sorted({h for h, _ in j.candidates if h > 0}) for j in cb.jumps)
+    # (every horizon of the path: screened, whether or not it was then evaluated in full)
+    first, second = (sorted({h for h, _ in (j.screened or j.candidates) if h > 0}) for j in cb.jumps)
     # the second attempt replaces the first's pending forecast
     want = [20 + h for h in first if 20 + h < 40] + [40 + h for h in second if 40 + h <= 60]
     assert [int(r["step"]) for r in rows] == want

@@ -299,3 +299,33 @@ def test_the_budget_skips_attempts_it_cannot_afford_and_counts_them():
 def test_bad_settle_and_overhead_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GFMCallback(**kwargs)
+
+
+def test_a_first_attempt_too_dear_to_evaluate_skips_every_later_attempt_without_evaluating():
+    class DearEval(_Spike):
+        evaluations = 0
+
+        def _evaluate(self, trainer, pl_module, n=None):
+            DearEval.evaluations += 1
+            time.sleep(0.2)  # one evaluation alone costs more than 3 % of this whole run
+            return super()._evaluate(trainer, pl_module, n)
+
+    gfm = DearEval(record_every=1, jump_every=12, window=12, overhead=0.03)
+    _fit([gfm], max_steps=72)
+    assert not gfm.jumps and gfm.budget.skipped == 6
+    assert DearEval.evaluations == 1  # the first attempt's own evaluation shows the cost; no other is made
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed-scaler"])
+def test_settling_under_precision_plugins(precision):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    gfm = _Spike(record_every=1, jump_every=12, window=12, settle=4, overhead=None)
+    if precision == "bf16-mixed":
+        kw = {"precision": "bf16-mixed"}
+    else:  # Lightning's 16-mixed path with torch's CPU gradient scaler: settling would move the scaler's state
+        kw = {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**8))]}
+    model, trainer = _fit([gfm], trainer_kw=kw)
+    assert trainer.global_step == 24 and all(torch.isfinite(p).all() for p in model.parameters())
+    jump = gfm.jumps[0]
+    assert jump.settle_steps == (6 if precision == "bf16-mixed" else 0)  # with a scaler: judged where it lands
