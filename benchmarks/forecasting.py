@@ -867,21 +867,25 @@ def render_tables(result: dict) -> str:
             lines.append(f"| {split} | {p} | {n} | " + " | ".join(cells) + " |")
     p_mid = 0.5 if 0.5 in fractions else fractions[len(fractions) // 2]
     optimizers = sorted({r["optimizer"] for r in rows}, key=lambda o: list(OPTIMIZERS).index(o))
-    lines += ["", f"Per optimizer at p = {p_mid}: median relative error (median val-loss gap).", ""]
-    lines += ["| split | forecaster | " + " | ".join(optimizers) + " |", "|---|---|" + "---|" * len(optimizers)]
-    for split in splits:
-        for f in names:
-            cells = [cell(pick(split=split, p=p_mid, forecaster=f, optimizer=o)) for o in optimizers]
-            lines.append(f"| {split} | {f} | " + " | ".join(cells) + " |")
+
+    def breakdown(title: str, in_splits: list[str], values: list[str], cell_rows) -> list[str]:
+        """A table per (split, forecaster) over ``values``; ``cell_rows(split, f, v)`` picks one cell's rows."""
+        out = ["", f"Per {title} at p = {p_mid}: median relative error (median val-loss gap).", ""]
+        out += ["| split | forecaster | " + " | ".join(values) + " |", "|---|---|" + "---|" * len(values)]
+        for split in in_splits:
+            for f in names:
+                out.append(f"| {split} | {f} | " + " | ".join(cell(cell_rows(split, f, v)) for v in values) + " |")
+        return out
+
+    lines += breakdown(
+        "optimizer", splits, optimizers, lambda split, f, o: pick(split=split, p=p_mid, forecaster=f, optimizer=o)
+    )
     scheduled = [s for s in splits if any(schedule(r) != "constant" for r in pick(split=s))]
     if scheduled:
         present = [s for s in SCHEDULES if any(schedule(r) == s for r in rows if r["split"] in scheduled)]
-        lines += ["", f"Per schedule at p = {p_mid}: median relative error (median val-loss gap).", ""]
-        lines += ["| split | forecaster | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
-        for split in scheduled:
-            for f in names:
-                cells = [cell(pick(split=split, p=p_mid, forecaster=f, schedule=s)) for s in present]
-                lines.append(f"| {split} | {f} | " + " | ".join(cells) + " |")
+        lines += breakdown(
+            "schedule", scheduled, present, lambda split, f, s: pick(split=split, p=p_mid, forecaster=f, schedule=s)
+        )
     diag = result.get("gfm_diagnostics", [])
     if diag:
         lines += ["", "GFM backtest choice (fitted field vs prior) and median backtest errors, per optimizer.", ""]
