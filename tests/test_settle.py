@@ -199,7 +199,7 @@ class _Take(pl.Callback):
 
 def _fit(callbacks, max_steps=24, trainer_kw=None, **module_kw):
     pl.seed_everything(0, verbose=False)
-    model = DigitsModule(shuffle=False, **module_kw)
+    model = DigitsModule(**{"shuffle": False, **module_kw})
     trainer = pl.Trainer(
         max_steps=max_steps,
         callbacks=callbacks,
@@ -267,10 +267,13 @@ def test_settle_off_rolls_back_to_the_landing_point_exactly():
 
 
 def test_settling_leaves_the_users_random_stream_the_scheduler_and_logged_metrics_alone():
-    pl.seed_everything(0, verbose=False)
-    gfm = _Spike(record_every=1, jump_every=12, window=12, settle=4, overhead=None)
-    model, trainer = _fit([gfm], schedule="cosine")
-    assert gfm.jumps[0].settle_steps > 0
+    streams = {}
+    for settle in (0, 4):  # a shuffled loader: the private pass draws its order, and must not from the user's stream
+        gfm = _Spike(record_every=1, jump_every=12, window=12, settle=settle, overhead=None)
+        model, trainer = _fit([gfm], schedule="cosine", shuffle=True)
+        streams[settle] = torch.random.get_rng_state()
+        assert (gfm.jumps[0].settle_steps > 0) == (settle > 0)
+    assert torch.equal(streams[0], streams[4])  # the same draws as a run that never settled
     sched = trainer.lr_scheduler_configs[0].scheduler
     assert sched.last_epoch == 24  # the scheduler stepped with the run only
     assert "train_loss" in trainer.callback_metrics  # the run's own logging survived the captured branches
