@@ -48,12 +48,21 @@ from torch.optim.lr_scheduler import LRScheduler
 from lightning_gfm.dynamics import Dynamics, dynamics_for, future_learning_rates, lr_by_step, take_snapshot
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import fit_field
+from lightning_gfm.flow.meta import (
+    MetaConfig,
+    MetaField,
+    MetaRun,
+    MetaTrainConfig,
+    family_of,
+    meta_forecast,
+    meta_train,
+)
 from lightning_gfm.flow.window import Window
 from lightning_gfm.forecast import backtest_error, forecast
 from lightning_gfm.params import ParamSpec
 from lightning_gfm.trajectory import TrajectoryBuffer
 
-FORECASTERS = ("last", "linear", "lstm", "transformer", "gfm", "gfm-fitted", "gfm-prior")
+FORECASTERS = ("last", "linear", "lstm", "transformer", "gfm-meta", "gfm", "gfm-fitted", "gfm-prior")
 SPLITS = ("seen", "unseen-init", "unseen-arch", "unseen-optimizer", "unseen-schedule")
 SCHEDULES = ("constant", "step", "cosine", "warmup-cosine", "one-cycle")
 
@@ -638,6 +647,63 @@ def _lr_error(lr_steps: Tensor, run: Run, s_p: int) -> float:
     return float(((lr_steps - true).abs() / true.abs().clamp_min(1e-30)).max())
 
 
+# ------------------------------------------------------------------------------------------ GFM, meta-trained
+def _window(run: Run, n: int) -> Window:
+    """The window of the first ``n`` snapshots, as the callback builds it (planned steps known)."""
+    buf = TrajectoryBuffer(n)
+    for i in range(n):
+        buf.append(run.buffer[i])
+    return Window.from_buffer(buf, run.spec, run.dyn.state_names, total_steps=int(run.steps[-1]))
+
+
+def meta_budget(cfg: Config) -> MetaTrainConfig:
+    """The meta-field's training budget: the sequence models' (steps x samples per step), seed included."""
+    return MetaTrainConfig(steps=cfg.seq_steps, anchors_per_step=4, scalars=max(1, cfg.seq_batch // 4), seed=cfg.seed)
+
+
+def train_meta_field(runs: list[Run], exclude: Exclusion | None, cfg: Config) -> tuple[MetaField, dict]:
+    """Meta-train a :class:`~lightning_gfm.flow.meta.MetaField` on ``runs`` minus the excluded ones.
+
+    Conditional flow matching on each whole training trajectory (every anchor, every later segment), with the
+    sequence models' budget; the exclusion acts on the runs, so a split's held-out architecture, optimizer
+    family or schedules are absent from the field's data exactly as from theirs.
+    """
+    keep = [r for r in runs if exclude is None or str(getattr(r, exclude.attr)) not in exclude.values]
+    if not keep:
+        raise ValueError(f"Excluding {model_name(exclude)} leaves no training run.")
+    meta_runs = [
+        MetaRun(_window(r, len(r.steps)), family_of(r.dyn), float(r.steps[-1]), r.spec.role_index()) for r in keep
+    ]
+    field, report = meta_train(meta_runs, MetaConfig(), meta_budget(cfg))
+    info = {
+        "kind": "gfm-meta",
+        "model": model_name(exclude),
+        "trained_on": {a: sorted({str(getattr(r, a)) for r in keep}) for a in LABELS},
+        "params": sum(p.numel() for p in field.parameters()),
+        "runs": len(keep),
+        "steps": report["train"]["steps"],
+        "samples_per_step": report["train"]["anchors_per_step"] * report["train"]["scalars"],
+        "final_loss": report["loss_last"],
+        "seconds": report["seconds"],
+    }
+    return field, info
+
+
+def forecast_meta(field: MetaField, run: Run, n: int) -> Tensor:
+    """The meta-field's forecast of ``w_T`` from the first ``n`` snapshots, with the run's own future rates."""
+    horizon = int(run.steps[-1] - run.steps[n - 1])
+    w, _ = meta_forecast(
+        field,
+        _window(run, n),
+        family_of(run.dyn),
+        gfm_lr_steps(run, n),
+        [horizon],
+        float(run.steps[-1]),
+        run.spec.role_index(),
+    )
+    return w[1].double()
+
+
 # ---------------------------------------------------------------------------------------------- driver
 def _rel_error(w_hat: Tensor, run: Run, n: int) -> float:
     w_t, w_p = run.w[-1], run.w[n - 1]
@@ -716,6 +782,30 @@ def run_benchmark(cfg: Config = Config(), out: str | Path | None = None, command
             seq_info.append(info)
     timings["seq_train"] = time.perf_counter() - t
 
+    # 2b. the meta-trained GFM field: the same training runs and exclusions as the sequence models
+    t = time.perf_counter()
+    meta_fields: dict[str, MetaField] = {}
+    for exclude in exclusions:
+        name = model_name(exclude)
+        if exclude is not None and not any(str(getattr(r, exclude.attr)) in exclude.values for r in train_runs):
+            meta_fields[name] = meta_fields["all"]
+            seq_info.append(
+                {
+                    **next(i for i in seq_info if i["kind"] == "gfm-meta" and i["model"] == "all"),
+                    "model": name,
+                    "reused": "all",
+                    "seconds": 0.0,
+                }
+            )
+            continue
+        meta_fields[name], info = train_meta_field(train_runs, exclude, cfg)
+        seq_info.append(info)
+        log(
+            f"meta-trained the GFM field ({name}) on {info['runs']} runs: loss {info['final_loss']:.4f} "
+            f"in {info['seconds']}s"
+        )
+    timings["meta_train"] = time.perf_counter() - t
+
     # 3. forecasts on every evaluated trajectory (GFM, last, linear do not depend on the split)
     t = time.perf_counter()
     shared: dict[tuple, dict[str, Tensor]] = {}
@@ -750,6 +840,7 @@ def run_benchmark(cfg: Config = Config(), out: str | Path | None = None, command
                 preds = dict(shared[run.key, p])
                 for kind in ("lstm", "transformer"):
                     preds[kind] = forecast_seq(seq_models[kind, name], run, n, cfg)
+                preds["gfm-meta"] = forecast_meta(meta_fields[name], run, n)
                 true_loss, true_acc = true_metrics[run.key]
                 for f in FORECASTERS:
                     loss, acc = evaluate(run, preds[f], data)

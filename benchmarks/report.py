@@ -296,7 +296,17 @@ def main(argv=None) -> None:
 
 
 # ------------------------------------------------------------------------------------------- held-out section
-HELDOUT_METHODS = ("gfm", "linear", "oracle", "ema", "fastforward", "lookahead", "gfm-pretrained")
+HELDOUT_METHODS = (
+    "gfm",
+    "gfm-meta",
+    "gfm-prior",
+    "linear",
+    "oracle",
+    "ema",
+    "fastforward",
+    "lookahead",
+    "gfm-pretrained",
+)
 
 
 def _heldout_block(text: str) -> str | None:

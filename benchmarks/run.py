@@ -176,6 +176,7 @@ def run_one(
                     "step": j.step,
                     "horizon": j.horizon,
                     "trend": j.trend,
+                    "source": j.source,
                     "accepted": j.accepted,
                     "outcome": j.outcome,
                     "seconds": j.seconds,

@@ -33,9 +33,10 @@ from lightning_gfm.dynamics import (
     lr_at_calls,
     lr_by_step,
 )
-from lightning_gfm.fields import load_field, resolve_field, save_field
+from lightning_gfm.fields import field_info, load_field, resolve_field, save_field
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import fit_field
+from lightning_gfm.flow.meta import MetaField, family_of, meta_forecast
 from lightning_gfm.flow.ode import SOLVERS, _torchdyn
 from lightning_gfm.flow.window import Window, shard_sums_size
 from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
@@ -57,6 +58,10 @@ from lightning_gfm.trajectory import TrajectoryBuffer
 
 #: landed candidates settled when none wins where it lands (the best two: a second chance at half the cost)
 SETTLED_CANDIDATES = 2
+#: branch label of the meta-trained field's points in a joined forecast path (trend lengths label the prior's)
+META_LABEL = -1
+#: scalars per chunk of a meta-trained field's forecast on a CPU (its per-scalar network's activations fit the cache)
+META_CHUNK = 1 << 16
 
 #: strategies GFM refuses at setup, and why (docs/distributed.md has the support matrix and the per-shard design)
 _UNSUPPORTED_STRATEGIES = {
@@ -64,6 +69,14 @@ _UNSUPPORTED_STRATEGIES = {
     "DeepSpeed": "DeepSpeed owns the optimizer step and (ZeRO) partitions the optimizer state GFM reads and writes.",
     "XLA": "GFM's many small, data-dependent tensor operations are not written for XLA's lazy tensors.",
 }
+
+
+def _field_kind(path: str) -> str:
+    """The kind of field a file holds (``"gradient"`` when it cannot be read: loading it then says why)."""
+    try:
+        return str(field_info(path).get("kind", "gradient"))
+    except Exception:
+        return "gradient"
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -150,7 +163,10 @@ class GFMCallback(pl.Callback):
         field: path (``str`` or ``os.PathLike``) of a saved field (safetensors) to start from; ``"pretrained"``
             (or ``"pretrained:<name>"``) for a field shipped with the package (see ``docs/pretrained.md``);
             ``None`` starts from the prior (the constant-gradient forecast). With ``fit_steps > 0`` a loaded field
-            is fine-tuned online on the run's own window; ``fit_steps=0`` uses it as it is.
+            is fine-tuned online on the run's own window; ``fit_steps=0`` uses it as it is. A meta-trained field
+            (:class:`~lightning_gfm.flow.meta.MetaField`, e.g. ``"pretrained:meta"``, trained on a corpus of
+            runs by ``lightning-gfm meta-train``) forecasts beside the prior: both paths' points are candidates
+            and validation chooses (:attr:`JumpRecord.source <lightning_gfm.jump.JumpRecord>` says whose won).
         fit_steps: gradient steps of each online flow-matching fit of the field to the run's own window (e.g.
             ``100``). ``0`` (default) forecasts with the optimizer-aware prior field (or the loaded ``field``)
             unchanged: on the benchmark the online fit cost time and saved no more steps (docs/experiments.md).
@@ -347,6 +363,12 @@ class GFMCallback(pl.Callback):
         #: the do-no-harm rule (:class:`~lightning_gfm.settle.AttemptBudget`); ``budget.skipped`` counts skips.
         self.budget = AttemptBudget(overhead)
         self.field_path = None if field is None else os.fspath(field)
+        #: a meta-trained field's file (:class:`~lightning_gfm.flow.meta.MetaField`): its forecast joins the prior's
+        #: and validation chooses among the points of both; ``field_path`` then names no gradient field.
+        self.meta_path: str | None = None
+        if self.field_path is not None and _field_kind(self.field_path) == "meta":
+            self.meta_path, self.field_path = self.field_path, None
+        self.meta: MetaField | None = None
         self.fit_steps = fit_steps
         self.fit_batch = fit_batch
         self.fit_seconds = fit_seconds
@@ -387,6 +409,7 @@ class GFMCallback(pl.Callback):
         self._accumulation: int | None = None  # trainer.accumulate_grad_batches the schedule was derived for
         self._clock: tuple[float, int] | None = None  # (perf_counter, global_step) when this fit's training began
         self._spent = 0.0  # GFM's own seconds in this fit (recording and attempts), against the budget
+        self._roles: Tensor | None = None  # every scalar's layer role (uint8), for a meta-trained field's inputs
         self._attempt_cost = 0.0  # wall-clock of the last attempt's forecast and landing evaluation
         self._settle_iter: Any = None  # a private pass over the training data for settling batches
 
@@ -468,6 +491,11 @@ class GFMCallback(pl.Callback):
             torch.manual_seed(self.seed)
             if self.field is None:
                 self.field = load_field(self.field_path) if self.field_path else GradientField(self.field_config)
+        if self.meta_path is not None and self.meta is None:
+            self.meta = load_field(self.meta_path)
+        if self.meta is not None:
+            self.meta.to(device)
+            self._roles = self._spec.role_index(torch.device("cpu"), torch.uint8)
         self.field.to(device)
         self.field_config = self.field.config
         _torchdyn()  # import the integrator now: a one-time cost, not an attempt's (the budget predicts from those)
@@ -498,9 +526,11 @@ class GFMCallback(pl.Callback):
         if self.memory_budget is not None:
             # every path's points; joined paths coexist with their join for a moment (ForecastPath.join), and so
             # do the ranks' slices with the gathered path under DDP
-            joined = bool(self.branch_trends) or self._world > 1
-            n_points = self.n_candidates * (1 + len(self.branch_trends)) * (2 if joined else 1)
-            sizes = dict(n_horizons=n_points, hidden=self.field_config.hidden, settle=bool(self.settle))
+            paths = 1 + len(self.branch_trends) + (self.meta is not None)
+            joined = paths > 1 or self._world > 1
+            n_points = self.n_candidates * paths * (2 if joined else 1)
+            hidden = max(self.field_config.hidden, 0 if self.meta is None else 3 * self.meta.config.hidden // 2)
+            sizes = dict(n_horizons=n_points, hidden=hidden, settle=bool(self.settle))
             if self.memory_budget == "auto":
                 item = local(spec.params[0]).element_size()
                 footprint = footprint_bytes(spec.numel, len(names), item)
@@ -773,26 +803,47 @@ class GFMCallback(pl.Callback):
         # the field in use, then the prior along each shorter trend line: validation picks among all their points
         fields = [use, *(self._prior(device, trend=n) for n in self.branch_trends)]
         lr_steps = self._lr_steps(trainer, step, horizons[-1])
-        paths = []
+        local = []
         for f in fields:
             with shard.phase("forecast", 0):
-                path = forecast(
-                    f,
+                local.append(
+                    forecast(
+                        f,
+                        win,
+                        dyn,
+                        lr_steps,
+                        horizons,
+                        solver=self.solver,
+                        chunk_size=self.chunk_size,
+                        device=device,
+                        out_device=device,
+                        index=shard.index,
+                    )
+                )
+        labels = [f.config.trend if f.config.anchor == "trend" else 0 for f in fields]
+        if self.meta is not None:  # the meta-trained field's forecast, beside the prior's: validation chooses
+            with shard.phase("forecast", 0):
+                weights, seconds = meta_forecast(
+                    self.meta,
                     win,
-                    dyn,
+                    family_of(dyn),
                     lr_steps,
                     horizons,
-                    solver=self.solver,
-                    chunk_size=self.chunk_size,
+                    self._total_steps(trainer),
+                    self._roles,
+                    chunk_size=min(self.chunk_size, META_CHUNK if device.type == "cpu" else 4 * META_CHUNK),
                     device=device,
                     out_device=device,
                     index=shard.index,
                 )
-            # every path starts from the current weights (only the forecast's move counts, docs/experiments.md E34)
-            paths.append(shard.gather(path).start_at_(win.w[-1]))
+            # it forecasts no optimizer state: a jump to it takes the prior's forecast state at the same horizon
+            local.append(ForecastPath(local[0].horizons, weights, local[0].state, seconds))
+            labels.append(META_LABEL)
+        # every path starts from the current weights (only the forecast's move counts, docs/experiments.md E34)
+        paths = [shard.gather(path).start_at_(win.w[-1]) for path in local]
         if len(paths) == 1:
             return paths[0], info
-        return ForecastPath.join(paths, [f.config.trend if f.config.anchor == "trend" else 0 for f in fields]), info
+        return ForecastPath.join(paths, labels), info
 
     def _jump(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         start = time.perf_counter()
@@ -824,7 +875,7 @@ class GFMCallback(pl.Callback):
         before = self._evaluate(trainer, pl_module)
         eval_seconds = time.perf_counter() - tick
         if not self._attempt_cost:  # a first attempt: its evaluations predict its cost (screens, then two in full)
-            n_points = len(horizons) * (1 + len(self.branch_trends))
+            n_points = len(horizons) * (1 + len(self.branch_trends) + (self.meta is not None))
             predicted = ((n_points + 1) / self.eval_batches + SETTLED_CANDIDATES) * eval_seconds
             if not self._affordable(trainer, pl_module, predicted, start):
                 self.budget.skipped += 1
@@ -875,7 +926,8 @@ class GFMCallback(pl.Callback):
         record = JumpRecord(
             step=step,
             horizon=path.horizons[index] if accepted else 0,
-            trend=path.branches[index] if accepted and path.branches else 0,
+            trend=max(path.branches[index], 0) if accepted and path.branches else 0,
+            source=("meta" if path.branches and path.branches[index] == META_LABEL else "prior") if accepted else "",
             accepted=accepted,
             metric_before=decision.metric_before,
             metric_after=decision.metric_after if settled is None else settled.metric,

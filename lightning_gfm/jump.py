@@ -67,6 +67,8 @@ class JumpRecord:
         settle_kept: see ``settle_steps``.
         settled: ``(horizon, metric half-way, metric settled)`` of each settled candidate (NaN: stopped early).
         settle_reference: the settled no-jump reference's metric (NaN when nothing was settled).
+        source: which forecaster the applied point came from: ``"meta"`` (the meta-trained field) or ``"prior"``
+            (the optimizer-aware prior, or a fitted field); empty when nothing was applied.
     """
 
     step: int
@@ -86,6 +88,7 @@ class JumpRecord:
     settle_kept: int = 0
     settled: list[tuple[int, float, float]] = field(default_factory=list)
     settle_reference: float = float("nan")
+    source: str = ""
 
 
 @dataclass

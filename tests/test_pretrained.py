@@ -17,6 +17,7 @@ from lightning_gfm.fields import PRETRAINED, field_info, load_field, pretrained_
 from lightning_gfm.fields.cli import main
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import anchors_and_segments, matching_loss, sample_batch
+from lightning_gfm.flow.meta import MetaField
 from lightning_gfm.forecast import backtest_error
 from lightning_gfm.pretrain import PretrainConfig, evaluate_fields, pretrain_field, summarise
 
@@ -267,6 +268,13 @@ def test_shipped_field_is_small_documented_and_a_drop_in():
         assert trained["tasks"] and trained["optimizers"] and trained["command"].startswith("lightning-gfm")
         assert not any(b in t for t in trained["datasets"] for b in BENCHMARK_DATA)  # disjoint from the benchmark
         field = load_field(path)
+        if isinstance(field, MetaField):  # a meta-trained field forecasts beside the prior, not in its place
+            cb = GFMCallback(overhead=None, field=f"pretrained:{name}")
+            assert cb.meta_path == str(path) and cb.field_path is None and not cb.learns
+            assert set(trained["disjoint_from"]) >= {"ho-cancer-mlp", "ho-digits-resnet", "mnist1d-mlp"}
+            held_out = ("diabetes", "breast_cancer", "cancer", "xml", "urllib", "logging", "importlib", "asyncio")
+            assert not any(b in t for t in trained["datasets"] for b in held_out)
+            continue
         cb = GFMCallback()
         c, d = field.config, cb.field_config
         assert (c.history, c.hidden, c.depth) == (d.history, d.hidden, d.depth)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lightning_gfm.flow.field import FieldConfig, GradientField
+from lightning_gfm.flow.meta import MetaConfig, MetaField
 
 FORMAT = "lightning-gfm-field"
 VERSION = 1
@@ -29,7 +30,12 @@ _PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 
 #: fields shipped with the package: name -> file under ``lightning_gfm/fields/pretrained/``.
 #: ``GFMCallback(field="pretrained")`` loads ``default``; ``field="pretrained:<name>"`` loads another.
-PRETRAINED: dict[str, str] = {"default": "default.safetensors"}
+PRETRAINED: dict[str, str] = {"default": "default.safetensors", "meta": "meta.safetensors"}
+
+#: the two kinds of field a file may hold (its ``kind`` metadata; files without one hold a ``gradient`` field):
+#: a :class:`~lightning_gfm.flow.field.GradientField` (fitted on one window, or meta-trained with ``pretrain``) or
+#: a :class:`~lightning_gfm.flow.meta.MetaField` (meta-trained on a corpus by ``lightning-gfm meta-train``).
+KINDS: dict[str, tuple[type, type]] = {"gradient": (GradientField, FieldConfig), "meta": (MetaField, MetaConfig)}
 
 
 def pretrained_path(name: str = "default") -> Path:
@@ -76,7 +82,7 @@ def field_info(path: str | os.PathLike) -> dict:
     return meta
 
 
-def save_field(field: GradientField, path: str | os.PathLike, trained_on: str = "") -> Path:
+def save_field(field: GradientField | MetaField, path: str | os.PathLike, trained_on: str = "") -> Path:
     """Write ``field`` to ``path`` (safetensors) with its format version, shape and provenance.
 
     Args:
@@ -95,6 +101,7 @@ def save_field(field: GradientField, path: str | os.PathLike, trained_on: str = 
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
+        "kind": "meta" if isinstance(field, MetaField) else "gradient",
         "config": json.dumps(field.config.to_dict()),
         "trained_on": trained_on,
     }
@@ -102,7 +109,7 @@ def save_field(field: GradientField, path: str | os.PathLike, trained_on: str = 
     return path
 
 
-def load_field(path: str | os.PathLike, device: str | torch.device = "cpu") -> GradientField:
+def load_field(path: str | os.PathLike, device: str | torch.device = "cpu") -> GradientField | MetaField:
     """Load a field saved by :func:`save_field`. Only tensors and JSON are read; nothing is unpickled.
 
     Raises:
@@ -132,8 +139,12 @@ def load_field(path: str | os.PathLike, device: str | torch.device = "cpu") -> G
             f"{str(path)!r} has field format version {meta['version']}; this lightning-gfm reads up to {VERSION}. "
             "Upgrade lightning-gfm."
         )
-    config = FieldConfig(**json.loads(meta["config"]))
-    field = GradientField(config)
+    kind = meta.get("kind", "gradient")
+    if kind not in KINDS:
+        raise ValueError(f"{str(path)!r} holds a field of kind {kind!r}; this lightning-gfm reads {sorted(KINDS)}.")
+    cls, config_cls = KINDS[kind]
+    config = config_cls(**json.loads(meta["config"]))
+    field = cls(config)
     try:
         field.load_state_dict(tensors)
     except RuntimeError as err:

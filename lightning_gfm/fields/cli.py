@@ -5,6 +5,7 @@ r"""``lightning-gfm``: record trajectory corpora, pre-train fields on them, eval
     lightning-gfm record   --suite pretrain --out corpus/pretrain          # resumable: existing shards are kept
     lightning-gfm pretrain --corpus corpus/pretrain --out my_field.safetensors [--record pretrain]
     lightning-gfm evaluate --field pretrained my_field.safetensors --corpus corpus/heldout-opt
+    lightning-gfm meta-train --corpus corpus/meta --out meta.safetensors [--record meta]  # a MetaField
 
 Regenerate the shipped field's shape from scratch (records the corpus first when it is missing). The shipped
 field has ``anchor="state"``, the only anchor when it was made (2.5 minutes on a 2-core machine, one thread);
@@ -50,7 +51,15 @@ def _cmd_record(args) -> int:
     return 0
 
 
-def _provenance(trajs, config, report, argv) -> str:
+#: what the ``meta`` suite leaves out (lightning_gfm.corpus): every benchmark task's data, dev and held-out
+META_DISJOINT = [
+    "mnist1d-mlp", "digits-cnn", "charlm", "digits-rmsprop", "digits (forecasting)", "ho-diabetes-mlp",
+    "ho-mnist1d-cnn-bn", "ho-digits-resnet", "ho-mnist1d-gru", "ho-charlm-lstm", "ho-cancer-mlp", "ho-digits-ae",
+    "ho-mnist1d-sgd", "ho-gpt2-lm", "ho-llama-lm",
+]  # fmt: skip
+
+
+def _provenance(trajs, config, report, argv, disjoint: list[str] | None = None) -> str:
     tasks = sorted({f"{t.meta['task']['dataset']}/{t.meta['task']['arch']}" for t in trajs})
     optimizers = sorted({json.dumps(t.meta["optimizer"], sort_keys=True) for t in trajs})
     return json.dumps(
@@ -62,7 +71,8 @@ def _provenance(trajs, config, report, argv) -> str:
             "schedules": sorted({t.meta.get("schedule", "?") for t in trajs}),
             "seeds": sorted({(t.meta["seeds"]["init"], t.meta["seeds"]["data"]) for t in trajs}),
             "record_every": sorted({t.meta.get("record_every") for t in trajs}),
-            "disjoint_from": ["mnist1d-mlp", "digits-cnn", "charlm", "digits-rmsprop", "digits (forecasting)"],
+            "disjoint_from": disjoint
+            or ["mnist1d-mlp", "digits-cnn", "charlm", "digits-rmsprop", "digits (forecasting)"],
             "pretrain": config,
             "loss_first": report["loss_first"],
             "loss_last": report["loss_last"],
@@ -102,6 +112,31 @@ def _cmd_pretrain(args, argv) -> int:
     print(
         f"wrote {args.out} ({size} bytes): loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}, "
         f"{report['seconds']:.0f}s on {report['trajectories']} trajectories {report['families']}"
+    )
+    return 0
+
+
+def _cmd_meta_train(args, argv) -> int:
+    from lightning_gfm.corpus import load_corpus, record_suite
+    from lightning_gfm.fields import save_field
+    from lightning_gfm.flow.meta import MetaConfig, MetaRun, MetaTrainConfig, meta_train
+
+    if args.record:
+        record_suite(args.record, args.corpus[0], progress=_progress(args))
+    trajs = load_corpus(args.corpus)
+    config = MetaConfig(history=args.history, hidden=args.hidden, depth=args.depth, basis=args.basis)
+    train = MetaTrainConfig(
+        steps=args.steps, anchors_per_step=args.anchors_per_step, scalars=args.scalars, lr=args.lr, seed=args.seed
+    )
+    field, report = meta_train([MetaRun.from_trajectory(t) for t in trajs], config, train, log=print)
+    report["trajectories"] = report["runs"]
+    report["config"] = {"field": report["config"], "train": report["train"]}
+    disjoint = META_DISJOINT if all(t.meta.get("run", {}).get("dataset") != "breast_cancer" for t in trajs) else None
+    save_field(field, args.out, trained_on=_provenance(trajs, report["config"], report, argv, disjoint))
+    size = Path(args.out).stat().st_size
+    print(
+        f"wrote {args.out} ({size} bytes): loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}, "
+        f"{report['seconds']:.0f}s on {report['runs']} trajectories {report['families']}"
     )
     return 0
 
@@ -216,6 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--checkpoint", help="resume file (default OUT.ckpt; deleted when done)")
 
+    meta = sub.add_parser("meta-train", help="meta-train a MetaField (lightning_gfm.flow.meta) on corpus directories")
+    meta.add_argument("--corpus", nargs="+", required=True, help="corpus directories or shard files")
+    meta.add_argument("--out", required=True, help="field file to write (safetensors)")
+    meta.add_argument("--record", metavar="SUITE", help="first record SUITE into the first --corpus (resumable)")
+    meta.add_argument("--steps", type=int, default=3000)
+    meta.add_argument("--anchors-per-step", type=int, default=16, help="(run, anchor) pairs per step")
+    meta.add_argument("--scalars", type=int, default=256, help="scalars per (run, anchor)")
+    meta.add_argument("--lr", type=float, default=2e-3)
+    meta.add_argument("--history", type=int, default=7)
+    meta.add_argument("--hidden", type=int, default=32)
+    meta.add_argument("--depth", type=int, default=1)
+    meta.add_argument("--basis", type=int, default=8)
+    meta.add_argument("--seed", type=int, default=0)
+
     ev = sub.add_parser("evaluate", help="forecasting error of fields on held-out trajectories")
     ev.add_argument(
         "--field",
@@ -232,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", help="write rows and summary here")
 
-    for p in (rec, pre, ev):
+    for p in (rec, pre, meta, ev):
         p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -247,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_record(args)
     if args.command == "pretrain":
         return _cmd_pretrain(args, argv)
+    if args.command == "meta-train":
+        return _cmd_meta_train(args, argv)
     return _cmd_evaluate(args)
 
 
