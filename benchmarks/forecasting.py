@@ -16,7 +16,9 @@ Protocol (see ``docs/forecasting.md``):
 3. Forecasters: ``last``, ``linear`` (least-squares slope of the last 3 observed snapshots), ``lstm`` and
    ``transformer`` (per-scalar sequence models shared by all parameters, trained on the corpus' training split with
    the same budget), ``gfm`` (a fresh field fitted on the run's own observed window, chosen against the prior by
-   the callback's backtest), ``gfm-fitted`` (the fitted field, no backtest choice) and ``gfm-prior`` (unfitted).
+   the callback's backtest), ``gfm-fitted`` (the fitted field, no backtest choice), ``gfm-prior`` (unfitted) and
+   ``gfm-meta`` (a :class:`~lightning_gfm.flow.meta.MetaField` meta-trained by conditional flow matching on the
+   same training split, with the sequence models' budget and exclusions, forecasting with the run's own rates).
    GFM integrates with the run's own future learning rates: its scheduler, copied at ``s_p``, replayed on a
    stand-in optimizer (as the callback replays a Lightning scheduler).
 4. Splits: ``seen`` (initialisations also used for training, a different data-order seed), ``unseen-init``

@@ -10,7 +10,6 @@
 * ``gfm-meta``: the same callback with the meta-trained field shipped with the package
   (``field="pretrained:meta"``, :mod:`lightning_gfm.flow.meta`): its forecast joins the prior's and validation
   chooses among the points of both.
-* ``gfm-prior``: the same callback with ``field=None``: the optimizer-aware prior alone.
 * ``gfm-pretrained``: the same callback starting from the field shipped with the package
   (``field="pretrained"``), frozen (``fit_steps=PRETRAINED_FIT_STEPS``); its backtest against the prior still
   decides, jump by jump, which of the two forecasts.
@@ -39,10 +38,8 @@ from lightning_gfm.flow.window import Window
 from lightning_gfm.forecast import ForecastPath
 from lightning_gfm.params import ParamSpec
 
-METHODS = (
-    "baseline", "linear", "ema", "gfm", "gfm-meta", "gfm-prior", "gfm-pretrained", "oracle", "fastforward", "lookahead"
-)  # fmt: skip
-JUMP_METHODS = ("linear", "gfm", "gfm-meta", "gfm-prior", "gfm-pretrained", "oracle")
+METHODS = ("baseline", "linear", "ema", "gfm", "gfm-meta", "gfm-pretrained", "oracle", "fastforward", "lookahead")
+JUMP_METHODS = ("linear", "gfm", "gfm-meta", "gfm-pretrained", "oracle")
 PRETRAINED_FIT_STEPS = 0  # online fine-tuning of the shipped field: measured in docs/pretrained.md
 
 
@@ -152,8 +149,6 @@ def make_callbacks(
         return [TimedGFM(**shared)]
     if method == "gfm-meta":
         return [TimedGFM(field="pretrained:meta", **shared)]
-    if method == "gfm-prior":
-        return [TimedGFM(field=None, **shared)]
     if method == "gfm-pretrained":
         return [TimedGFM(field="pretrained", fit_steps=PRETRAINED_FIT_STEPS, **shared)]
     if method == "oracle":

@@ -299,7 +299,6 @@ def main(argv=None) -> None:
 HELDOUT_METHODS = (
     "gfm",
     "gfm-meta",
-    "gfm-prior",
     "linear",
     "oracle",
     "ema",

@@ -118,14 +118,18 @@ class MetaField(nn.Module):
         self.out = nn.Linear(c.hidden, c.basis)
         self.time = nn.Sequential(nn.Linear(N_TIME, c.time_hidden), nn.SiLU(), nn.Linear(c.time_hidden, c.basis))
 
-    def coefficients(self, inputs: MetaInputs) -> Tensor:
-        """Each scalar's basis coefficients, shape ``(B, basis)``."""
+    def features(self, inputs: MetaInputs) -> Tensor:
+        """The last hidden layer's activations, shape ``(B, hidden)``."""
         bias = self.anchor_in(inputs.anchor)  # (hidden,)
         h = torch.addmm(self.scalar_in.bias + bias, inputs.scalar, self.scalar_in.weight.T)
-        h = nn.functional.silu(h + self.role_in(inputs.roles))
+        h = nn.functional.silu(h.add_(self.role_in(inputs.roles)))
         for layer in self.body:
             h = nn.functional.silu(layer(h))
-        return self.out(h)
+        return h
+
+    def coefficients(self, inputs: MetaInputs) -> Tensor:
+        """Each scalar's basis coefficients, shape ``(B, basis)``."""
+        return self.out(self.features(inputs))
 
     def phi(self, time_features: Tensor) -> Tensor:
         """The time basis, shape ``(..., basis)`` from :func:`time_features` ``(..., N_TIME)``."""
@@ -370,17 +374,17 @@ def meta_forecast(
     total = float(total_steps) if total_steps else 2.0 * s_a
     z = basis_integrals(field, lr_steps, horizons, s_a, total, win.interval, device=device)  # (H + 1, G, K)
     r_tensor = tensor_scales(win, anchor, c.history, device=device)
+    head, head_bias = z[:, 0] @ field.out.weight, z[:, 0] @ field.out.bias  # (H + 1, hidden), (H + 1,)
     n_out = win.P if index is None else index.numel()
     out = torch.empty(len(horizons) + 1, n_out, device=out_device)
     for lo in range(0, n_out, chunk_size):
         hi = min(lo + chunk_size, n_out)
         cols = slice(lo, hi) if index is None else index[lo:hi].to(win.group_index.device)
         inp = meta_inputs(win, anchor, cols, family, c.history, total_steps, r_tensor, roles, device)
-        coef = field.coefficients(inp)  # (B, K)
-        if z.shape[1] == 1:  # one param group (or groups sharing their schedule): one matrix product
-            move = torch.mm(z[:, 0], coef.T).mul_(inp.scale)  # (H + 1, B)
+        if z.shape[1] == 1:  # one schedule for all scalars: the output layer and the basis integrals in one product
+            move = torch.addmm(head_bias.unsqueeze(1), head, field.features(inp).T).mul_(inp.scale)  # (H + 1, B)
         else:
-            move = torch.einsum("bk,hbk->hb", coef, z[:, inp.group]).mul_(inp.scale)
+            move = torch.einsum("bk,hbk->hb", field.coefficients(inp), z[:, inp.group]).mul_(inp.scale)
         w0 = win.w[anchor, cols].to(device=device, dtype=torch.float32)
         out[:, lo:hi] = (w0 + move).to(out_device)
     return out, time.perf_counter() - start
