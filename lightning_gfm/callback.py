@@ -493,6 +493,11 @@ class GFMCallback(pl.Callback):
                 self.field = load_field(self.field_path) if self.field_path else GradientField(self.field_config)
         if self.meta_path is not None and self.meta is None:
             self.meta = load_field(self.meta_path)
+            if self.window <= self.meta.config.history:
+                raise ValueError(
+                    f"`field={self.meta_path!r}` is a meta-trained field reading {self.meta.config.history + 1} "
+                    f"snapshots; `window` must be at least that, got window={self.window}."
+                )
         if self.meta is not None:
             self.meta.to(device)
             self._roles = self._spec.role_index(torch.device("cpu"), torch.uint8)
@@ -821,7 +826,7 @@ class GFMCallback(pl.Callback):
                     )
                 )
         labels = [f.config.trend if f.config.anchor == "trend" else 0 for f in fields]
-        if self.meta is not None:  # the meta-trained field's forecast, beside the prior's: validation chooses
+        if self.meta is not None and self.meta.config.history < win.K:  # beside the prior's: validation chooses
             with shard.phase("forecast", 0):
                 weights, seconds = meta_forecast(
                     self.meta,

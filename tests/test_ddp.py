@@ -113,6 +113,23 @@ def test_ddp_ranks_agree_and_share_the_forecast(tmp_path):
     assert r0["slices"] == [rank_slice(n, 0, 2)] * 2 and r1["slices"] == [rank_slice(n, 1, 2)] * 2
 
 
+@pytest.mark.timeout(120)
+def test_ddp_ranks_agree_with_the_meta_field_beside_the_prior(tmp_path):
+    from lightning_gfm.fields import save_field
+    from lightning_gfm.flow.meta import MetaConfig, MetaField
+
+    torch.manual_seed(0)
+    path = save_field(MetaField(MetaConfig()), tmp_path / "meta.safetensors")
+    kwargs = {**FAST, "fit_steps": 0, "eval_batches": 1}
+    _fit_ddp_spawn(tmp_path, [_NoBroadcast(overhead=None, field=path, **kwargs), _DumpRank(tmp_path)], max_steps=60)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["decisions"] == r1["decisions"] and r0["metrics"] == r1["metrics"]
+    # every attempt has at least 10 snapshots, enough for the meta field's 8: both paths' points were evaluated
+    assert r0["metrics"] and all(len(c) >= 2 and len(c) % 2 == 0 for _, _, c in r0["metrics"])
+    assert torch.equal(r0["weights"], r1["weights"])  # without the safety broadcast
+
+
 class _SpikeNoBroadcast(_NoBroadcast):
     """A forecaster whose one candidate lands far off, so every attempt settles; no safety broadcast."""
 

@@ -21,7 +21,7 @@ from lightning_gfm.flow.meta import (
 )
 from lightning_gfm.flow.window import Window
 from lightning_gfm.params import ParamSpec
-from models import DigitsModule, tiny_trainer
+from tests.models import DigitsModule, tiny_trainer
 
 
 def _window(w: torch.Tensor, steps: torch.Tensor, lrs: torch.Tensor, tensor_index: torch.Tensor) -> Window:
