@@ -25,12 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK_DATA = ("digits", "mnist1d", "charlm", "json", "email", "http")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small(optimizer="adam", kw=(("lr", 3e-3),), steps=150, **extra):
