@@ -46,7 +46,6 @@ from lightning_gfm.params import ROLES
 META_FAMILIES: tuple[str, ...] = ("sgd", "momentum", "adam", "rmsprop")
 _FAMILY_OF = {
     "SGDDynamics": "sgd",
-    "GenericDynamics": "sgd",
     "MomentumDynamics": "momentum",
     "AdamDynamics": "adam",
     "RMSpropDynamics": "rmsprop",
@@ -247,7 +246,7 @@ def meta_inputs(
     total = float(total_steps) if total_steps else 2.0 * s_a
     fam = [1.0 if family == f else 0.0 for f in META_FAMILIES]
     anchor_feats = torch.tensor([s_a / total, win.interval / total, *fam], device=device)
-    role = roles[cols].to(device=device, dtype=torch.long)
+    role = roles[cols.to(roles.device) if isinstance(cols, Tensor) else cols].to(device=device, dtype=torch.long)
     return MetaInputs(scalar, anchor_feats, role, r, lr0, group)
 
 
