@@ -179,3 +179,21 @@ def test_the_callback_joins_the_meta_forecast_to_the_priors(tmp_path):
     for j in cb.jumps:  # every point of both paths was evaluated (no screen with one batch): twice the horizons
         assert len(j.candidates) % 2 == 0 and len(j.candidates) >= 2
         assert j.source in (("meta", "prior") if j.accepted else ("",))
+
+
+def test_a_family_the_field_never_trained_on_gets_no_code():
+    def run(seed, family):
+        w, steps, c, tindex = _linear_run(seed, k=12)
+        return MetaRun(_window(w, steps, torch.full((12, 1), 1e-3), tindex), family, 200.0, torch.zeros(64))
+
+    field, _ = meta_train(
+        [run(0, "adam"), run(1, "sgd")], MetaConfig(history=3), MetaTrainConfig(steps=5, anchors_per_step=2)
+    )
+    assert field.config.families == ("sgd", "adam")
+    w, steps, _, tindex = _linear_run(5)
+    win = _window(w, steps, torch.full((len(steps), 1), 1e-3), tindex)
+    lr = torch.full((30, 1), 1e-3, dtype=torch.float64)
+    unseen, _ = meta_forecast(field, win, "rmsprop", lr, [10, 25], 300, torch.zeros(64))
+    none, _ = meta_forecast(field, win, None, lr, [10, 25], 300, torch.zeros(64))
+    seen, _ = meta_forecast(field, win, "adam", lr, [10, 25], 300, torch.zeros(64))
+    assert torch.equal(unseen, none) and not torch.equal(seen, none)

@@ -71,6 +71,8 @@ class MetaConfig:
         depth: hidden layers of the per-scalar network (1 or more).
         basis: number of learned time-basis functions.
         time_hidden: width of the time-basis network.
+        families: the optimizer families it was trained on; any other is given no family code, never the
+            untrained input of a family it has not seen.
     """
 
     history: int = 7
@@ -78,6 +80,10 @@ class MetaConfig:
     depth: int = 1
     basis: int = 8
     time_hidden: int = 32
+    families: tuple[str, ...] = META_FAMILIES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "families", tuple(self.families))  # a JSON list when read back from a file
 
     @property
     def n_scalar(self) -> int:
@@ -374,12 +380,13 @@ def meta_forecast(
     z = basis_integrals(field, lr_steps, horizons, s_a, total, win.interval, device=device)  # (H + 1, G, K)
     r_tensor = tensor_scales(win, anchor, c.history, device=device)
     head, head_bias = z[:, 0] @ field.out.weight, z[:, 0] @ field.out.bias  # (H + 1, hidden), (H + 1,)
+    known = family if family in c.families else None  # a family it never trained on gets no code
     n_out = win.P if index is None else index.numel()
     out = torch.empty(len(horizons) + 1, n_out, device=out_device)
     for lo in range(0, n_out, chunk_size):
         hi = min(lo + chunk_size, n_out)
         cols = slice(lo, hi) if index is None else index[lo:hi].to(win.group_index.device)
-        inp = meta_inputs(win, anchor, cols, family, c.history, total_steps, r_tensor, roles, device)
+        inp = meta_inputs(win, anchor, cols, known, c.history, total_steps, r_tensor, roles, device)
         if z.shape[1] == 1:  # one schedule for all scalars: the output layer and the basis integrals in one product
             move = torch.addmm(head_bias.unsqueeze(1), head, field.features(inp).T).mul_(inp.scale)  # (H + 1, B)
         else:
@@ -416,6 +423,8 @@ class MetaTrainConfig:
         scalars: scalars per (run, anchor), each with its own later segment and position.
         lr: Adam learning rate (cosine-annealed to 5 %).
         target_clip: targets (in units of ``r``) are clipped to this.
+        family_dropout: share of samples trained without their family code, so that the field also forecasts
+            well for an optimizer family it was not trained on (which gets no code).
         seed: seeds initialisation and sampling.
     """
 
@@ -424,16 +433,28 @@ class MetaTrainConfig:
     scalars: int = 256
     lr: float = 2e-3
     target_clip: float = 20.0
+    family_dropout: float = 0.2
     seed: int = 0
 
 
-def cfm_loss(field: MetaField, run: MetaRun, anchor: int, scalars: Tensor, gen: torch.Generator, clip: float):
-    """Conditional flow-matching loss of ``field`` at one anchor of ``run`` (see the module docstring)."""
+def cfm_loss(
+    field: MetaField,
+    run: MetaRun,
+    anchor: int,
+    scalars: Tensor,
+    gen: torch.Generator,
+    clip: float,
+    family: str | None = None,
+):
+    """Conditional flow-matching loss of ``field`` at one anchor of ``run`` (see the module docstring).
+
+    ``family`` is the family code the sample is given (the run's, or ``None`` when it is dropped).
+    """
     win, c = run.win, field.config
     if anchor not in run.scales:
         run.scales[anchor] = tensor_scales(win, anchor, c.history)
     r_tensor = run.scales[anchor]
-    inp = meta_inputs(win, anchor, scalars, run.family, c.history, run.total_steps, r_tensor, run.roles)
+    inp = meta_inputs(win, anchor, scalars, family, c.history, run.total_steps, r_tensor, run.roles)
     n = len(scalars)
     j = torch.randint(anchor, win.K - 1, (n,), generator=gen)
     theta = torch.rand(n, generator=gen)
@@ -466,6 +487,7 @@ def meta_train(
     if not runs:
         raise ValueError(f"No run has the {config.history + 2} snapshots a meta-field needs.")
     torch.manual_seed(train.seed)
+    config = dataclasses.replace(config, families=tuple(f for f in META_FAMILIES if any(r.family == f for r in runs)))
     field = MetaField(config)
     opt = torch.optim.Adam(field.parameters(), lr=train.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -485,7 +507,9 @@ def meta_train(
             run = runs[rng.choice(fam[rng.choice(names)])]
             anchor = rng.randint(config.history, run.win.K - 2)
             scalars = torch.randint(run.win.P, (train.scalars,), generator=gen)
-            total = total + cfm_loss(field, run, anchor, scalars, gen, train.target_clip) / train.anchors_per_step
+            family = None if rng.random() < train.family_dropout else run.family
+            loss = cfm_loss(field, run, anchor, scalars, gen, train.target_clip, family)
+            total = total + loss / train.anchors_per_step
         opt.zero_grad(set_to_none=True)
         total.backward()
         nn.utils.clip_grad_norm_(field.parameters(), 1.0)
