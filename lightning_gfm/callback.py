@@ -875,16 +875,20 @@ class GFMCallback(pl.Callback):
         horizons = self._horizons(trainer, step, win)
         if not horizons:
             return
-        self._eval_data(trainer, pl_module)  # cached once per fit: a one-time cost, not part of the prediction
+        batches, _ = self._eval_data(trainer, pl_module)  # cached once per fit: a one-time cost, not predicted
+        # successive halving starts at the current weights' screen (one batch): the full evaluation of the current
+        # weights waits until a candidate passes the screen, so a failing attempt costs its screens only
+        screened = self.eval_batches > 1 and len(batches) > 1
         tick = time.perf_counter()
-        before = self._evaluate(trainer, pl_module)
-        eval_seconds = time.perf_counter() - tick
-        if not self._attempt_cost:  # a first attempt: its evaluations predict its cost (screens, then two in full)
+        before = self._evaluate(trainer, pl_module, n=1 if screened else None)
+        eval_seconds = (time.perf_counter() - tick) * (len(batches) if screened else 1)  # a full evaluation
+        if not self._attempt_cost:  # a first attempt: its evaluation predicts its cost (screens, then in full)
             n_points = len(horizons) * (1 + len(self.branch_trends) + (self.meta is not None))
-            predicted = ((n_points + 1) / self.eval_batches + SETTLED_CANDIDATES) * eval_seconds
+            full = (1 + SETTLED_CANDIDATES) if screened else n_points
+            predicted = (n_points / len(batches) if screened else 0.0) * eval_seconds + full * eval_seconds
             if not self._affordable(trainer, pl_module, predicted, start):
                 self.budget.skipped += 1
-                self._attempt_cost = eval_seconds + predicted  # later attempts are skipped before evaluating
+                self._attempt_cost = time.perf_counter() - start + predicted  # later ones skip before evaluating
                 return
         with _cpu_threads(self.num_threads, pl_module.device):
             path, info = self.forecast_path(trainer, pl_module, win, horizons)
@@ -898,11 +902,12 @@ class GFMCallback(pl.Callback):
             lambda: self._evaluate(trainer, pl_module),
             mode=self.mode,
             min_delta=self.min_delta,
-            metric_before=before,
+            metric_before=None if screened else before,
             evaluate_start=moved_start,
             start_is_candidate=False,  # denoising alone is undone by training (docs/experiments.md, E7-E8)
             # successive halving: every candidate on one batch, the best two on all of them
-            screen=(lambda: self._evaluate(trainer, pl_module, n=1)) if self.eval_batches > 1 else None,
+            screen=(lambda: self._evaluate(trainer, pl_module, n=1)) if screened else None,
+            screen_before=before if screened else None,
             keep=SETTLED_CANDIDATES,
         )
         self._attempt_cost = time.perf_counter() - start

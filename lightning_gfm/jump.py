@@ -98,7 +98,8 @@ class Decision:
     Attributes:
         index: index of the applied point of the path, ``None`` when rolled back (``0``: the path's start,
             when it is not the current weights, e.g. a denoised anchor).
-        metric_before: metric at the current weights.
+        metric_before: metric at the current weights; when the screen rejected every candidate (nothing was
+            evaluated in full, so the full metric was never needed) it is the screen's, ``screen_before``.
         metrics: metric of each path point after the start (NaN for non-finite points, and for points the screen
             dropped).
         outcome: the reason.
@@ -156,6 +157,7 @@ def choose_and_apply(
     evaluate_start: bool = False,
     start_is_candidate: bool = True,
     screen: Callable[[], float] | None = None,
+    screen_before: float | None = None,
     keep: int = 2,
 ) -> Decision:
     """Evaluate every point of ``path`` in place, then keep the best one or restore the weights bit-exactly.
@@ -167,7 +169,8 @@ def choose_and_apply(
             the same number).
         mode: ``"min"`` or ``"max"``.
         min_delta: relative improvement over staying put that a jump must show.
-        metric_before: the metric at the current weights, when already known.
+        metric_before: the metric at the current weights, when already known; otherwise it is evaluated only
+            when a candidate is to be evaluated in full (a screen that rejects every candidate never needs it).
         evaluate_start: also evaluate point 0, the path's start (for paths that start from a denoised point
             rather than the current weights).
         start_is_candidate: with ``evaluate_start``, whether the start may be chosen; if not, it is a second
@@ -176,40 +179,46 @@ def choose_and_apply(
         screen: a cheaper metric (e.g. ``evaluate`` on one of its batches): with more than ``keep`` candidates,
             every candidate is screened with it, and only the best ``keep`` are evaluated in full, and only if one
             of them beats the current weights' screen (successive halving: a failing attempt costs its screen).
+        screen_before: the screen's metric at the current weights, when already known.
         keep: candidates evaluated in full after the screen.
 
     Returns:
         The :class:`Decision`.
     """
     saved = [p.detach().clone() for p in spec.tensors]  # local shards when sharded
-    before = evaluate() if metric_before is None else metric_before
+    before = metric_before
     finite = path.finite()
     n = len(path.horizons) - 1
     metrics = [float("nan")] * n
     screened: list[float] = []
-    screen_before = float("nan")
+    screen_value = float("nan")
     start_metric = None
     try:
-        if evaluate_start and bool(finite[0]):
-            spec.write_(path.weights[0].to(spec.device))
-            start_metric = float(evaluate())
         full = [h for h in range(1, n + 1) if bool(finite[h])]
         if screen is not None and len(full) > keep:
-            _restore(spec, saved)
-            screen_before = float(screen())
+            screen_value = float(screen()) if screen_before is None else float(screen_before)
             screened = [float("nan")] * n
             for h in full:
                 spec.write_(path.weights[h].to(spec.device))
                 screened[h - 1] = float(screen())
             sign = 1.0 if mode == "min" else -1.0
             ranked = sorted((h for h in full if math.isfinite(screened[h - 1])), key=lambda h: sign * screened[h - 1])
-            full = ranked[:keep] if any(better(screened[h - 1], screen_before, mode, 0.0) for h in ranked) else []
+            full = ranked[:keep] if any(better(screened[h - 1], screen_value, mode, 0.0) for h in ranked) else []
+        if before is None and (full or evaluate_start or not screened):
+            _restore(spec, saved)
+            before = float(evaluate())
+        if evaluate_start and bool(finite[0]):
+            spec.write_(path.weights[0].to(spec.device))
+            start_metric = float(evaluate())
         for h in full:
             spec.write_(path.weights[h].to(spec.device))
             metrics[h - 1] = float(evaluate())
     except BaseException:
         _restore(spec, saved)
         raise
+    if before is None:  # the screen rejected every candidate: the full metric was never needed
+        before = screen_value
+    screen_before = screen_value
     first = None if start_metric is not None and not start_is_candidate else start_metric
     valid = [(m, k) for k, m in enumerate([first, *metrics]) if m is not None and math.isfinite(m)]
     extra = dict(screened=screened, screen_before=screen_before)

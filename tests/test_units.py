@@ -254,7 +254,31 @@ def test_screening_rejects_cheaply_when_no_candidate_beats_the_current_weights()
         return float((spec.flatten() - target).abs().mean())
 
     decision = choose_and_apply(spec, path, evaluate, screen=evaluate, keep=2)
-    assert len(calls) == 1 + 1 + 4  # before, its screen, four screens: no full evaluation of a candidate
+    # the current weights' screen and four screens: neither a candidate nor the current weights in full
+    assert len(calls) == 1 + 4
     assert decision.outcome is JumpOutcome.ROLLED_BACK and decision.index is None
     assert all(math.isnan(m) for m in decision.metrics)
+    assert decision.metric_before == decision.screen_before == 0.0  # the screen's value: nothing else was needed
     assert torch.equal(spec.flatten(), before)
+
+
+def test_a_known_screen_of_the_current_weights_is_not_evaluated_again():
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    target = spec.flatten() + 3.0
+    path = _path(spec, [0.0, 1.0, 2.0, 3.0, 4.0])
+    calls = {"full": 0, "screen": 0}
+
+    def evaluate():
+        calls["full"] += 1
+        return float((spec.flatten() - target).abs().mean())
+
+    def screen():
+        calls["screen"] += 1
+        return float((spec.flatten() - target).abs().mean())
+
+    decision = choose_and_apply(spec, path, evaluate, screen=screen, screen_before=3.0, keep=2)
+    # four screens; then the current weights and the best two in full, the current weights after the screen
+    assert calls == {"screen": 4, "full": 1 + 2}
+    assert decision.screen_before == 3.0 and decision.metric_before == pytest.approx(3.0)
+    assert decision.outcome is JumpOutcome.ACCEPTED and decision.index == 3

@@ -25,6 +25,7 @@ import torch
 from benchmarks.methods import OracleJumps, TimedGFM
 from benchmarks.run import _quiet, run_one
 from benchmarks.suite import TASKS
+from lightning_gfm.callback import META_LABEL
 from lightning_gfm.jump import apply_state_policy
 from lightning_gfm.settle import TrainingState
 
@@ -34,9 +35,12 @@ LOG = Path("benchmarks/results/experiments/settle.jsonl")
 class _Probe(TimedGFM):
     """GFM at its defaults that, at step ``at``, trains every branch privately instead of jumping, then stops."""
 
-    def __init__(self, at: int, counts: list[int], oracle: OracleJumps | None, **kwargs):
+    def __init__(
+        self, at: int, counts: list[int], oracle: OracleJumps | None, horizons: list[int] | None = None, **kwargs
+    ):
         super().__init__(settle=0, overhead=None, **kwargs)
         self.at, self.counts, self.oracle, self.rows = at, sorted(counts), oracle, []
+        self.probe_horizons = sorted(horizons) if horizons else None
 
     def should_jump(self, step: int) -> bool:
         return step == self.at
@@ -46,11 +50,17 @@ class _Probe(TimedGFM):
 
         spec, opt = self._spec, trainer.optimizers[0]
         win = Window.from_buffer(self.buffer, spec, self._dyn.state_names, self._total_steps(trainer), lean=self._lean)
-        horizons = self._horizons(trainer, step, win)
+        horizons = self.probe_horizons or self._horizons(trainer, step, win)
         path, _ = self.forecast_path(trainer, pl_module, win, horizons)
-        branches = [("no jump", 0, None)] + [(f"gfm +{h}", h, ("gfm", k)) for k, h in enumerate(path.horizons) if k]
+        names = {META_LABEL: "meta"}  # a joined path's points are named by the forecaster that made them
+
+        def source(k: int) -> str:
+            return names.get(path.branches[k], "prior") if path.branches else "gfm"
+
+        branches = [("no jump", 0, None)]
+        branches += [(f"{source(k)} +{h}", h, ("gfm", k)) for k, h in enumerate(path.horizons) if k]
         if self.oracle is not None:
-            branches += [(f"oracle +{h}", h, ("oracle", h)) for h in path.horizons[1:]]
+            branches += [(f"oracle +{h}", h, ("oracle", h)) for h in sorted(set(path.horizons[1:]))]
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed + step)
@@ -63,6 +73,14 @@ class _Probe(TimedGFM):
                 apply_state_policy(opt, spec, self.optimizer_state, path, how[1])
             elif how is not None:
                 spec.write_(self.oracle.at(step + h).to(spec.device))
+            move = {}
+            if how is not None and self.oracle is not None:  # the jump's move against the oracle's, same horizon
+                now, truth = win.w[-1].float(), self.oracle.at(step + h).float()
+                d, d_true = spec.flatten().float() - now, truth - now
+                move = {
+                    "norm_ratio": float(d.norm() / d_true.norm().clamp_min(1e-30)),
+                    "cosine": float(torch.nn.functional.cosine_similarity(d, d_true, dim=0)),
+                }
             losses = [self._evaluate(trainer, pl_module)]
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed + step)
@@ -72,12 +90,14 @@ class _Probe(TimedGFM):
                         self._private_step(trainer, pl_module, opt, batches[i])
                     done = n
                     losses.append(self._evaluate(trainer, pl_module))
-            self.rows.append({"branch": name, "horizon": h, "losses": losses})
+            self.rows.append({"branch": name, "horizon": h, "losses": losses, **move})
         start_state.restore(pl_module, opt, spec.tensors)
         trainer.should_stop = True
 
 
-def probe(task: str, at: int, seed: int, counts: list[int]) -> list[dict]:
+def probe(
+    task: str, at: int, seed: int, counts: list[int], field: str | None = None, horizons: list[int] | None = None
+) -> list[dict]:
     """Rows ``{"branch", "horizon", "losses"}``: validation loss where each branch lands, then after each count."""
     base, recorder = run_one(task, "baseline", seed, False)
     t = TASKS[task]
@@ -86,7 +106,7 @@ def probe(task: str, at: int, seed: int, counts: list[int]) -> list[dict]:
     module, kwargs = t.make(seed, False)
     shared = dict(budget.schedule.callback_kwargs(), seed=seed)
     oracle = OracleJumps(*recorder, **shared)
-    cb = _Probe(at, counts, oracle, **shared)
+    cb = _Probe(at, counts, oracle, horizons, field=field, **shared)
     pl.Trainer(callbacks=[cb], **kwargs).fit(module)
     if not cb.rows:
         raise SystemExit(f"No attempt at step {at}: the window was not long enough yet, or the run ended first.")
@@ -99,24 +119,28 @@ def main(argv=None) -> None:
     parser.add_argument("--at", type=int, required=True, help="global step of the attempt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--settle", type=int, nargs="+", default=[10, 30, 60], help="settling steps to report")
+    parser.add_argument("--field", default=None, help="GFM's field, e.g. pretrained:meta (its points join the prior's)")
+    parser.add_argument("--horizons", type=int, nargs="+", default=None, help="candidate horizons (default: GFM's)")
     parser.add_argument("--log", default=str(LOG))
     args = parser.parse_args(argv)
     if TASKS[args.task].split != "dev":
         print(f"note: {args.task} is a {TASKS[args.task].split} task; no default may be chosen from this probe.")
     torch.set_num_threads(1)
     _quiet()
-    rows = probe(args.task, args.at, args.seed, args.settle)
+    rows = probe(args.task, args.at, args.seed, args.settle, args.field, args.horizons)
     ref = rows[0]["losses"]
     head = " -> ".join(["landed", *(f"+{n}" for n in sorted(args.settle))])
     print(f"{args.task} seed {args.seed}, attempt at step {args.at}: validation loss ({head})")
     for r in rows:
         marks = " ".join("<" if v < ref[i] else " " for i, v in enumerate(r["losses"]))
-        print(f"  {r['branch']:12s} " + " -> ".join(f"{v:.4f}" for v in r["losses"]) + f"   [{marks}]")
-    print("  ('<': below the no-jump reference after the same steps)")
+        move = f"  |d|/|d*| {r['norm_ratio']:.2f} cos {r['cosine']:.2f}" if "cosine" in r else ""
+        print(f"  {r['branch']:13s} " + " -> ".join(f"{v:.4f}" for v in r["losses"]) + f"   [{marks}]{move}")
+    print("  ('<': below the no-jump reference after the same steps; d: the move, d*: the oracle's, same horizon)")
     log = Path(args.log)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as f:
-        f.write(json.dumps({"task": args.task, "at": args.at, "seed": args.seed, "rows": rows}) + "\n")
+        record = {"task": args.task, "at": args.at, "seed": args.seed, "field": args.field, "rows": rows}
+        f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":
