@@ -760,6 +760,18 @@ class GFMCallback(pl.Callback):
             points = {round(far * (i + 1) / self.n_candidates) for i in range(self.n_candidates)}
         return sorted(points - {0})
 
+    def _meta_horizons(self, trainer: pl.Trainer, step: int, horizons: list[int]) -> list[int]:
+        """The meta-trained field's candidates: the planned end of the run and its halves (``n_candidates``).
+
+        It was trained on segments reaching to the end of every run, so it forecasts far where the prior's reach
+        is limited by what the window shows; a given ``horizon``, or a run without a planned end, gets the prior's.
+        """
+        total = self._total_steps(trainer)
+        if self.horizon is not None or total is None or total - step <= horizons[-1]:
+            return horizons
+        far = total - step
+        return sorted({round(far / 2**i) for i in range(self.n_candidates)} - {0})
+
     def forecast_path(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, win: Window, horizons: list[int]
     ) -> tuple[ForecastPath, dict[str, float]]:
@@ -807,7 +819,9 @@ class GFMCallback(pl.Callback):
                 use = prior
         # the field in use, then the prior along each shorter trend line: validation picks among all their points
         fields = [use, *(self._prior(device, trend=n) for n in self.branch_trends)]
-        lr_steps = self._lr_steps(trainer, step, horizons[-1])
+        meta = self.meta is not None and self.meta.config.history < win.K  # beside the prior's: validation chooses
+        meta_horizons = self._meta_horizons(trainer, step, horizons) if meta else horizons
+        lr_steps = self._lr_steps(trainer, step, max(horizons[-1], meta_horizons[-1]))
         local = []
         for f in fields:
             with shard.phase("forecast", 0):
@@ -826,14 +840,14 @@ class GFMCallback(pl.Callback):
                     )
                 )
         labels = [f.config.trend if f.config.anchor == "trend" else 0 for f in fields]
-        if self.meta is not None and self.meta.config.history < win.K:  # beside the prior's: validation chooses
+        if meta:
             with shard.phase("forecast", 0):
                 weights, seconds = meta_forecast(
                     self.meta,
                     win,
                     family_of(dyn),
                     lr_steps,
-                    horizons,
+                    meta_horizons,
                     self._total_steps(trainer),
                     self._roles,
                     chunk_size=min(self.chunk_size, META_CHUNK if device.type == "cpu" else 4 * META_CHUNK),
@@ -841,8 +855,12 @@ class GFMCallback(pl.Callback):
                     out_device=device,
                     index=shard.index,
                 )
-            # it forecasts no optimizer state: a jump to it takes the prior's forecast state at the same horizon
-            local.append(ForecastPath(local[0].horizons, weights, local[0].state, seconds))
+            # it forecasts no optimizer state: a jump to it takes the prior's forecast state at the same horizon,
+            # and the current state at a horizon of its own
+            state = local[0].state
+            if meta_horizons != horizons:
+                state = {n: v[:1].expand(len(meta_horizons) + 1, *v.shape[1:]) for n, v in state.items()}
+            local.append(ForecastPath([0, *meta_horizons], weights, state, seconds))
             labels.append(META_LABEL)
         # every path starts from the current weights (only the forecast's move counts, docs/experiments.md E34)
         paths = [shard.gather(path).start_at_(win.w[-1]) for path in local]
