@@ -176,10 +176,31 @@ def test_the_callback_joins_the_meta_forecast_to_the_priors(tmp_path):
     trainer = tiny_trainer(tmp_path, [cb], max_steps=180)
     trainer.fit(DigitsModule())
     assert isinstance(cb.meta, MetaField) and cb.jumps
-    for j in cb.jumps:  # every point of both paths was evaluated (no screen with one batch): twice the horizons
+    for j in cb.jumps:  # every point of both paths was evaluated (no screen with one batch)
         horizons = [h for h, _ in j.candidates]
-        assert horizons and all(horizons.count(h) == 2 for h in horizons)  # each horizon once per path
+        # the meta field's points at the end of the run and its halves, the prior's at its window-limited reach
+        far = 180 - j.step
+        meta = {round(far / 2**i) for i in range(cb.n_candidates)}
+        if all(horizons.count(h) == 2 for h in horizons):  # the end lies within the prior's reach: its horizons
+            assert max(horizons) >= far, (j.step, horizons)
+        else:
+            assert meta <= set(horizons) and len(horizons) == 2 * cb.n_candidates, (j.step, horizons)
+            assert max(set(horizons) - meta) < far  # the prior's reach is shorter
         assert j.source in (("meta", "prior") if j.accepted else ("",))
+    # at least one attempt reached past the prior's reach (more distinct horizons than one path has)
+    assert any(len({h for h, _ in j.candidates}) > cb.n_candidates for j in cb.jumps)
+
+
+def test_a_given_horizon_is_the_meta_fields_reach_too(tmp_path):
+    torch.manual_seed(0)
+    path = save_field(MetaField(MetaConfig()), tmp_path / "meta.safetensors")
+    cb = GFMCallback(field=path, record_every=5, jump_every=60, eval_batches=1, overhead=None, horizon=20)
+    trainer = tiny_trainer(tmp_path, [cb], max_steps=180)
+    trainer.fit(DigitsModule())
+    assert cb.jumps
+    for j in cb.jumps:  # both paths at the same horizons: each once per path
+        horizons = [h for h, _ in j.candidates]
+        assert horizons and all(horizons.count(h) == 2 for h in horizons) and max(horizons) == 20
 
 
 def test_a_family_the_field_never_trained_on_gets_no_code():
