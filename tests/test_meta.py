@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -219,3 +221,35 @@ def test_a_family_the_field_never_trained_on_gets_no_code():
     none, _ = meta_forecast(field, win, None, lr, [10, 25], 300, torch.zeros(64))
     seen, _ = meta_forecast(field, win, "adam", lr, [10, 25], 300, torch.zeros(64))
     assert torch.equal(unseen, none) and not torch.equal(seen, none)
+
+
+def test_a_moving_schedule_integrated_in_learning_rate_time_is_the_quadrature_of_the_steps():
+    """One moving schedule is integrated over learning-rate time (a grid that ignores most optimizer steps). The
+    oracle: each step's rate times a fine Simpson quadrature of the basis over that step, summed."""
+    from lightning_gfm.flow.meta import time_features
+
+    torch.manual_seed(0)
+    field = MetaField(MetaConfig())
+    steps = torch.arange(601, dtype=torch.float64)
+    warmup_cosine = 1e-3 * torch.clamp((steps + 1) / 150, max=1.0) * 0.5 * (1 + torch.cos(math.pi * steps / 600))
+    halved = 1e-3 * 0.5 ** (steps // 100)
+    horizons = [25, 100, 333, 600]
+    t = torch.linspace(0, 600, 600 * 8 + 1, dtype=torch.float64)  # 8 Simpson panels per step
+    with torch.no_grad():
+        phi = field.phi(time_features(t.float(), 50.0, 700.0, 10.0)).double()
+    w = torch.ones(9, dtype=torch.float64)
+    w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+    per_step = torch.stack([(w[:, None] * phi[8 * j : 8 * j + 9]).sum(0) / 24 for j in range(600)])  # (600, K)
+    for lr in (warmup_cosine, halved):
+        ratio = lr / lr[0]
+        exact = torch.stack(
+            [torch.zeros(field.config.basis, dtype=torch.float64)]
+            + [(ratio[:h, None] * per_step[:h]).sum(0) for h in horizons]
+        )
+        z = basis_integrals(field, lr.unsqueeze(1), horizons, 50.0, 700.0, 10.0)[:, 0]
+        err = (z.double() - exact)[1:].norm(dim=1) / exact[1:].norm(dim=1)
+        assert float(err.max()) < 2e-5, err  # the step-by-step grid: up to 4e-4 (its horizons weigh a mean rate)
+    # a rate that vanishes before a horizon: learning-rate time stops; the step-by-step integration takes over
+    stopped = torch.cat([torch.full((50, 1), 1e-3), torch.zeros(551, 1)]).double()
+    z = basis_integrals(field, stopped, [25, 100, 200], 50.0, 700.0, 10.0)
+    torch.testing.assert_close(z[2], z[3])  # nothing moves after the rate is 0

@@ -309,9 +309,13 @@ def basis_integrals(
         ratio = ratio[:, :1]
     n_groups, k = ratio.shape[1], field.config.basis
     times = torch.tensor(list(horizons), dtype=torch.float64)
-    # the field has no state to be stiff in: a grid of one optimizer step where the learning rate moves (the
-    # integrand then changes only between steps), of half a record interval where it holds
+    # the field has no state to be stiff in: a grid of half a record interval where the learning rate holds, in
+    # learning-rate time where one schedule moves, else of one optimizer step (the integrand changes between steps)
     held = bool((ratio[: int(times[-1]) + 1] == ratio[:1]).all())
+    if not held and n_groups == 1:
+        z = _integrate_in_lr_time(field, ratio[:, 0], times, s_a, total, interval, solver, device)
+        if z is not None:
+            return z.view(len(times) + 1, 1, k)
     max_step = max(1.0, interval / 2) if held else 1.0
     grid, _ = time_grid(times, max_step)
     stages = torch.cat([grid, (grid[1:] + grid[:-1]) / 2]).unique().to(device=device, dtype=torch.float32)
@@ -335,6 +339,80 @@ def basis_integrals(
     with torch.no_grad():
         z = integrate(f, x0, times, max_step, solver)
     return z.view(len(times) + 1, n_groups, k)
+
+
+#: relative gap below which two points of learning-rate time are merged (above torchdyn's isclose tolerance)
+_U_GAP = 1e-4
+#: relative change of the learning rate within one grid step of learning-rate time above which the step is split
+_RATE_MOVE = 0.05
+
+
+def _integrate_in_lr_time(
+    field: MetaField,
+    ratio: Tensor,
+    times: Tensor,
+    s_a: float,
+    total: float,
+    interval: float,
+    solver: str,
+    device,
+) -> Tensor | None:
+    """``z(h)`` for one moving schedule, integrated with torchdyn over learning-rate time ``u``.
+
+    With ``u(t) = int_0^t lr(s) / lr(0) ds`` (exact: the rate is constant within each optimizer step, row ``j`` of
+    ``ratio`` on ``[j, j + 1)``), ``dz/du = phi(t(u))``: the schedule leaves the integrand and the grid needs no
+    optimizer-step resolution, so a schedule over thousands of steps costs what a held one does (half a record
+    interval per grid step, on average). Returns ``None`` (the caller integrates step by step) when the rate
+    vanishes at a horizon's end, so that ``u`` would not increase between horizons.
+    """
+    r = ratio.to(dtype=torch.float64, device="cpu")
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), r.cumsum(0)])  # u at each whole step
+
+    def u_of(t: Tensor) -> Tensor:
+        j = t.floor().long().clamp(0, len(r) - 1)
+        return cum[j] + (t - j) * r[j]
+
+    u_h = u_of(times)
+    if bool((u_h <= 0).any()) or bool((u_h[1:] <= u_h[:-1] * (1 + _U_GAP)).any()):
+        return None
+    # whole steps, half a record interval apart, closer where the rate moves by more than a tenth within a grid
+    # step (there t(u) bends, and rk4 wants a smooth integrand), and every horizon; mapped to u, points closer
+    # than the solver can tell apart (where the rate all but vanishes) are merged, horizons kept
+    rates, ends = r.tolist(), {int(h) for h in times.tolist()}
+    points, ref, spacing = [0], rates[0], max(1.0, interval / 2)
+    for j in range(1, int(times[-1]) + 1):
+        rate = rates[min(j, len(rates) - 1)]
+        if j in ends or j - points[-1] >= spacing or abs(rate - ref) > _RATE_MOVE * abs(ref):
+            points.append(j)
+            ref = rate
+    horizons_u = set(u_h.tolist())
+    kept = [0.0]
+    for u in u_of(torch.tensor(points, dtype=torch.float64)).tolist()[1:]:
+        if u - kept[-1] > _U_GAP * u:
+            kept.append(u)
+        elif u in horizons_u:
+            kept[-1] = u  # the one before it is no horizon: horizons are farther apart than the gap
+    grid = torch.tensor(kept, dtype=torch.float64)
+    stages_u = torch.cat([grid, (grid[1:] + grid[:-1]) / 2]).unique()
+    # t(u): the last whole step whose start is at or before u (steps at rate 0 take no learning-rate time)
+    j = (torch.searchsorted(cum, stages_u, right=True) - 1).clamp(0, len(r) - 1)
+    stages_t = j.double() + (stages_u - cum[j]) / r[j].clamp_min(1e-300)
+    with torch.no_grad():  # the basis at every time rk4 evaluates, in one batched call
+        phi = field.phi(time_features(stages_t.to(device=device, dtype=torch.float32), s_a, total, interval))
+    phi = phi.double()  # float64 time: a long schedule's grid points stay distinct
+    stages = stages_u.to(device=device)
+
+    def f(u: Tensor, x: Tensor) -> Tensor:
+        i = int(torch.searchsorted(stages, u.reshape(1).to(stages)).clamp(max=len(stages) - 1))
+        if i > 0 and abs(float(stages[i - 1]) - float(u)) < abs(float(stages[i]) - float(u)):
+            i -= 1
+        return phi[i]
+
+    x0 = torch.zeros(field.config.basis, device=device, dtype=torch.float64)
+    with torch.no_grad():  # every grid point as a knot (no further refinement), then the horizons' rows
+        z = integrate(f, x0, grid[1:], math.inf, solver)
+    rows = torch.searchsorted(grid, u_h).clamp(max=len(grid) - 1)
+    return torch.cat([z[:1], z[rows.to(z.device)]]).float()
 
 
 @torch.no_grad()
