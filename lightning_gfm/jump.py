@@ -50,7 +50,8 @@ class JumpRecord:
         step: global step at which it was tried.
         horizon: steps ahead of the chosen point (0 when nothing was applied).
         accepted: whether the weights moved.
-        metric_before: monitored metric at the current weights.
+        metric_before: monitored metric at the current weights (on the screen's one batch when the screen
+            rejected every candidate: nothing was then evaluated in full).
         metric_after: monitored metric after the decision (equals ``metric_before`` when rolled back).
         outcome: the reason, a :class:`JumpOutcome` value.
         seconds: wall-clock of fitting, forecasting and evaluating.
@@ -218,10 +219,9 @@ def choose_and_apply(
         raise
     if before is None:  # the screen rejected every candidate: the full metric was never needed
         before = screen_value
-    screen_before = screen_value
     first = None if start_metric is not None and not start_is_candidate else start_metric
     valid = [(m, k) for k, m in enumerate([first, *metrics]) if m is not None and math.isfinite(m)]
-    extra = dict(screened=screened, screen_before=screen_before)
+    extra = dict(screened=screened, screen_before=screen_value)
     if not valid:
         _restore(spec, saved)
         outcome = JumpOutcome.ROLLED_BACK if any(math.isfinite(m) for m in screened) else JumpOutcome.NON_FINITE

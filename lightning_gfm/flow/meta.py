@@ -375,8 +375,8 @@ def _integrate_in_lr_time(
     u_h = u_of(times)
     if bool((u_h <= 0).any()) or bool((u_h[1:] <= u_h[:-1] * (1 + _U_GAP)).any()):
         return None
-    # whole steps, half a record interval apart, closer where the rate moves by more than a tenth within a grid
-    # step (there t(u) bends, and rk4 wants a smooth integrand), and every horizon; mapped to u, points closer
+    # whole steps, half a record interval apart, closer where the rate moves by more than _RATE_MOVE within a
+    # grid step (there t(u) bends, and rk4 wants a smooth integrand), and every horizon; mapped to u, points closer
     # than the solver can tell apart (where the rate all but vanishes) are merged, horizons kept
     rates, ends = r.tolist(), {int(h) for h in times.tolist()}
     points, ref, spacing = [0], rates[0], max(1.0, interval / 2)
