@@ -533,7 +533,9 @@ class GFMCallback(pl.Callback):
             # do the ranks' slices with the gathered path under DDP
             paths = 1 + len(self.branch_trends) + (self.meta is not None)
             joined = paths > 1 or self._world > 1
-            n_points = self.n_candidates * paths * (2 if joined else 1)
+            # the meta field shares the attempt's points with the prior (one more when there is one point)
+            extra = int(self.meta is not None and self.n_candidates < 2)
+            n_points = (self.n_candidates * (1 + len(self.branch_trends)) + extra) * (2 if joined else 1)
             hidden = max(self.field_config.hidden, 0 if self.meta is None else 3 * self.meta.config.hidden // 2)
             sizes = dict(n_horizons=n_points, hidden=hidden, settle=bool(self.settle))
             if self.memory_budget == "auto":
@@ -760,17 +762,21 @@ class GFMCallback(pl.Callback):
             points = {round(far * (i + 1) / self.n_candidates) for i in range(self.n_candidates)}
         return sorted(points - {0})
 
-    def _meta_horizons(self, trainer: pl.Trainer, step: int, horizons: list[int]) -> list[int]:
-        """The meta-trained field's candidates: the planned end of the run and its halves (``n_candidates``).
+    def _shared_horizons(self, trainer: pl.Trainer, step: int, horizons: list[int]) -> tuple[list[int], list[int]]:
+        """The prior's and the meta-trained field's candidates, sharing one attempt's ``len(horizons)`` points.
 
-        It was trained on segments reaching to the end of every run, so it forecasts far where the prior's reach
-        is limited by what the window shows; a given ``horizon``, or a run without a planned end, gets the prior's.
+        Each proposes the farther half of its own reach (the prior its ``horizons``, the meta field the planned end
+        of the run and its halves), so that an attempt costs what the prior's alone does. The meta field was
+        trained on segments reaching to the end of every run, so it forecasts far where the prior's reach is
+        limited by what the window shows; with a given ``horizon``, or no planned end, it takes the prior's.
         """
+        n_meta = max(1, len(horizons) // 2)
+        prior = horizons[-max(1, len(horizons) - n_meta) :]
         total = self._total_steps(trainer)
         if self.horizon is not None or total is None or total - step <= horizons[-1]:
-            return horizons
+            return prior, horizons[-n_meta:]
         far = total - step
-        return sorted({round(far / 2**i) for i in range(self.n_candidates)} - {0})
+        return prior, sorted({round(far / 2**i) for i in range(len(horizons))} - {0})[-n_meta:]
 
     def forecast_path(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, win: Window, horizons: list[int]
@@ -820,7 +826,9 @@ class GFMCallback(pl.Callback):
         # the field in use, then the prior along each shorter trend line: validation picks among all their points
         fields = [use, *(self._prior(device, trend=n) for n in self.branch_trends)]
         meta = self.meta is not None and self.meta.config.history < win.K  # beside the prior's: validation chooses
-        meta_horizons = self._meta_horizons(trainer, step, horizons) if meta else horizons
+        meta_horizons = horizons
+        if meta:
+            horizons, meta_horizons = self._shared_horizons(trainer, step, horizons)
         lr_steps = self._lr_steps(trainer, step, max(horizons[-1], meta_horizons[-1]))
         local = []
         for f in fields:
@@ -855,8 +863,8 @@ class GFMCallback(pl.Callback):
                     out_device=device,
                     index=shard.index,
                 )
-            # it forecasts no optimizer state: a jump to it takes the prior's forecast state at the same horizon,
-            # and the current state at a horizon of its own
+            # it forecasts no optimizer state: a jump to it takes the prior's forecast state at the same horizons,
+            # else the current state
             state = local[0].state
             if meta_horizons != horizons:
                 state = {n: v[:1].expand(len(meta_horizons) + 1, *v.shape[1:]) for n, v in state.items()}
@@ -901,7 +909,7 @@ class GFMCallback(pl.Callback):
         before = self._evaluate(trainer, pl_module, n=1 if screened else None)
         eval_seconds = (time.perf_counter() - tick) * (len(batches) if screened else 1)  # a full evaluation
         if not self._attempt_cost:  # a first attempt: its evaluation predicts its cost (screens, then in full)
-            n_points = len(horizons) * (1 + len(self.branch_trends) + (self.meta is not None))
+            n_points = len(horizons) * (1 + len(self.branch_trends)) + (self.meta is not None and len(horizons) < 2)
             full = (1 + SETTLED_CANDIDATES) if screened else n_points
             predicted = (n_points / len(batches) if screened else 0.0) * eval_seconds + full * eval_seconds
             if not self._affordable(trainer, pl_module, predicted, start):

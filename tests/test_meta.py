@@ -233,6 +233,7 @@ def test_a_moving_schedule_integrated_in_learning_rate_time_is_the_quadrature_of
     steps = torch.arange(601, dtype=torch.float64)
     warmup_cosine = 1e-3 * torch.clamp((steps + 1) / 150, max=1.0) * 0.5 * (1 + torch.cos(math.pi * steps / 600))
     halved = 1e-3 * 0.5 ** (steps // 100)
+    held = torch.full_like(steps, 1e-3)
     horizons = [25, 100, 333, 600]
     t = torch.linspace(0, 600, 600 * 8 + 1, dtype=torch.float64)  # 8 Simpson panels per step
     with torch.no_grad():
@@ -240,7 +241,7 @@ def test_a_moving_schedule_integrated_in_learning_rate_time_is_the_quadrature_of
     w = torch.ones(9, dtype=torch.float64)
     w[1:-1:2], w[2:-1:2] = 4.0, 2.0
     per_step = torch.stack([(w[:, None] * phi[8 * j : 8 * j + 9]).sum(0) / 24 for j in range(600)])  # (600, K)
-    for lr in (warmup_cosine, halved):
+    for lr in (warmup_cosine, halved, held):
         ratio = lr / lr[0]
         exact = torch.stack(
             [torch.zeros(field.config.basis, dtype=torch.float64)]

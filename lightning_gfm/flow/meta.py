@@ -312,7 +312,7 @@ def basis_integrals(
     # the field has no state to be stiff in: a grid of half a record interval where the learning rate holds, in
     # learning-rate time where one schedule moves, else of one optimizer step (the integrand changes between steps)
     held = bool((ratio[: int(times[-1]) + 1] == ratio[:1]).all())
-    if not held and n_groups == 1:
+    if n_groups == 1:  # one schedule (a held rate is one): in learning-rate time, on a grid that widens with tau
         z = _integrate_in_lr_time(field, ratio[:, 0], times, s_a, total, interval, solver, device)
         if z is not None:
             return z.view(len(times) + 1, 1, k)
@@ -357,13 +357,13 @@ def _integrate_in_lr_time(
     solver: str,
     device,
 ) -> Tensor | None:
-    """``z(h)`` for one moving schedule, integrated with torchdyn over learning-rate time ``u``.
+    """``z(h)`` for one schedule (held or moving), integrated with torchdyn over learning-rate time ``u``.
 
     With ``u(t) = int_0^t lr(s) / lr(0) ds`` (exact: the rate is constant within each optimizer step, row ``j`` of
     ``ratio`` on ``[j, j + 1)``), ``dz/du = phi(t(u))``: the schedule leaves the integrand and the grid needs no
-    optimizer-step resolution, so a schedule over thousands of steps costs what a held one does (half a record
-    interval per grid step, on average). Returns ``None`` (the caller integrates step by step) when the rate
-    vanishes at a horizon's end, so that ``u`` would not increase between horizons.
+    optimizer-step resolution, so a schedule over thousands of steps costs what a held one does (a grid that
+    widens with ``tau``). Returns ``None`` (the caller integrates step by step) when the rate vanishes at a
+    horizon's end, so that ``u`` would not increase between horizons.
     """
     r = ratio.to(dtype=torch.float64, device="cpu")
     cum = torch.cat([torch.zeros(1, dtype=torch.float64), r.cumsum(0)])  # u at each whole step
@@ -375,13 +375,16 @@ def _integrate_in_lr_time(
     u_h = u_of(times)
     if bool((u_h <= 0).any()) or bool((u_h[1:] <= u_h[:-1] * (1 + _U_GAP)).any()):
         return None
-    # whole steps, half a record interval apart, closer where the rate moves by more than _RATE_MOVE within a
-    # grid step (there t(u) bends, and rk4 wants a smooth integrand), and every horizon; mapped to u, points closer
-    # than the solver can tell apart (where the rate all but vanishes) are merged, horizons kept
+    # whole steps (every horizon among them), half of (a record interval + tau) apart: the basis moves fastest
+    # early, as log(1 + tau / interval), one of its inputs, so the grid widens geometrically (by half a step each
+    # step); closer where the rate moves by more than _RATE_MOVE within a grid step (there t(u) bends, and rk4
+    # wants a smooth integrand). Mapped to u, points closer than the solver can tell apart (where the rate all but
+    # vanishes) are merged, horizons kept
     rates, ends = r.tolist(), {int(h) for h in times.tolist()}
-    points, ref, spacing = [0], rates[0], max(1.0, interval / 2)
+    points, ref = [0], rates[0]
     for j in range(1, int(times[-1]) + 1):
         rate = rates[min(j, len(rates) - 1)]
+        spacing = max(1.0, (interval + points[-1]) / 2)
         if j in ends or j - points[-1] >= spacing or abs(rate - ref) > _RATE_MOVE * abs(ref):
             points.append(j)
             ref = rate
