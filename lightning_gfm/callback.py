@@ -37,6 +37,7 @@ from lightning_gfm.fields import field_info, load_field, resolve_field, save_fie
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import fit_field
 from lightning_gfm.flow.meta import MetaField, family_of, meta_forecast
+from lightning_gfm.flow.meta import warm_up as meta_warm_up
 from lightning_gfm.flow.ode import SOLVERS, _torchdyn
 from lightning_gfm.flow.window import Window, shard_sums_size
 from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
@@ -501,6 +502,7 @@ class GFMCallback(pl.Callback):
         if self.meta is not None:
             self.meta.to(device)
             self._roles = self._spec.role_index(torch.device("cpu"), torch.uint8)
+            meta_warm_up(self.meta, device)  # first-call costs now, not in the first attempt the budget learns from
         self.field.to(device)
         self.field_config = self.field.config
         _torchdyn()  # import the integrator now: a one-time cost, not an attempt's (the budget predicts from those)
