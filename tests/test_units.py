@@ -214,24 +214,23 @@ def test_import_weight():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _counted(spec: ParamSpec, target: torch.Tensor, screen_offset: float = 0.0):
+    """``(calls, evaluate, screen)``: the mean distance to ``target``, each metric counting its calls; the screen
+    is a cheaper, noisier look (here the same metric plus ``screen_offset``)."""
+    calls = {"full": 0, "screen": 0}
+
+    def metric(kind: str, offset: float = 0.0) -> float:
+        calls[kind] += 1
+        return float((spec.flatten() - target).abs().mean()) + offset
+
+    return calls, lambda: metric("full"), lambda: metric("screen", screen_offset)
+
+
 def test_screening_evaluates_only_the_best_two_in_full():
     model = _model()
     spec = ParamSpec.from_module(model)
-    target = spec.flatten() + 3.0
     path = _path(spec, [0.0, 1.0, 2.0, 3.5, 5.0])
-    calls = {"full": 0, "screen": 0}
-
-    def metric():
-        return float((spec.flatten() - target).abs().mean())
-
-    def evaluate():
-        calls["full"] += 1
-        return metric()
-
-    def screen():  # a cheaper, noisier look: here the same metric plus a fixed offset
-        calls["screen"] += 1
-        return metric() + 0.1
-
+    calls, evaluate, screen = _counted(spec, spec.flatten() + 3.0, screen_offset=0.1)
     decision = choose_and_apply(spec, path, evaluate, screen=screen, keep=2)
     # the current weights and every candidate screened; the best two (3.5 and 2.0 from the target 3) in full
     assert calls == {"full": 1 + 2, "screen": 1 + 4}
@@ -265,18 +264,8 @@ def test_screening_rejects_cheaply_when_no_candidate_beats_the_current_weights()
 def test_a_known_screen_of_the_current_weights_is_not_evaluated_again():
     model = _model()
     spec = ParamSpec.from_module(model)
-    target = spec.flatten() + 3.0
     path = _path(spec, [0.0, 1.0, 2.0, 3.0, 4.0])
-    calls = {"full": 0, "screen": 0}
-
-    def evaluate():
-        calls["full"] += 1
-        return float((spec.flatten() - target).abs().mean())
-
-    def screen():
-        calls["screen"] += 1
-        return float((spec.flatten() - target).abs().mean())
-
+    calls, evaluate, screen = _counted(spec, spec.flatten() + 3.0)
     decision = choose_and_apply(spec, path, evaluate, screen=screen, screen_before=3.0, keep=2)
     # four screens; then the current weights and the best two in full, the current weights after the screen
     assert calls == {"screen": 4, "full": 1 + 2}
