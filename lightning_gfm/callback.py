@@ -166,8 +166,10 @@ class GFMCallback(pl.Callback):
             ``None`` starts from the prior (the constant-gradient forecast). With ``fit_steps > 0`` a loaded field
             is fine-tuned online on the run's own window; ``fit_steps=0`` uses it as it is. A meta-trained field
             (:class:`~lightning_gfm.flow.meta.MetaField`, e.g. ``"pretrained:meta"``, trained on a corpus of
-            runs by ``lightning-gfm meta-train``) forecasts beside the prior: both paths' points are candidates
-            and validation chooses (:attr:`JumpRecord.source <lightning_gfm.jump.JumpRecord>` says whose won).
+            runs by ``lightning-gfm meta-train``) forecasts beside the prior: the two share an attempt's
+            ``n_candidates`` points (the prior's farther half within its reach, the meta field's at the planned
+            end of the run and its half) and validation chooses (:attr:`JumpRecord.source
+            <lightning_gfm.jump.JumpRecord>` says whose won).
         fit_steps: gradient steps of each online flow-matching fit of the field to the run's own window (e.g.
             ``100``). ``0`` (default) forecasts with the optimizer-aware prior field (or the loaded ``field``)
             unchanged: on the benchmark the online fit cost time and saved no more steps (docs/experiments.md).
@@ -364,8 +366,8 @@ class GFMCallback(pl.Callback):
         #: the do-no-harm rule (:class:`~lightning_gfm.settle.AttemptBudget`); ``budget.skipped`` counts skips.
         self.budget = AttemptBudget(overhead)
         self.field_path = None if field is None else os.fspath(field)
-        #: a meta-trained field's file (:class:`~lightning_gfm.flow.meta.MetaField`): its forecast joins the prior's
-        #: and validation chooses among the points of both; ``field_path`` then names no gradient field.
+        #: a meta-trained field's file (:class:`~lightning_gfm.flow.meta.MetaField`): its forecast shares an
+        #: attempt's points with the prior's and validation chooses; ``field_path`` then names no gradient field.
         self.meta_path: str | None = None
         if self.field_path is not None and _field_kind(self.field_path) == "meta":
             self.meta_path, self.field_path = self.field_path, None
