@@ -37,7 +37,6 @@ from lightning_gfm.fields import field_info, load_field, resolve_field, save_fie
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.flow.matching import fit_field
 from lightning_gfm.flow.meta import MetaField, family_of, meta_forecast
-from lightning_gfm.flow.meta import warm_up as meta_warm_up
 from lightning_gfm.flow.ode import SOLVERS, _torchdyn
 from lightning_gfm.flow.window import Window, shard_sums_size
 from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
@@ -504,7 +503,6 @@ class GFMCallback(pl.Callback):
         if self.meta is not None:
             self.meta.to(device)
             self._roles = self._spec.role_index(torch.device("cpu"), torch.uint8)
-            meta_warm_up(self.meta, device)  # first-call costs now, not in the first attempt the budget learns from
         self.field.to(device)
         self.field_config = self.field.config
         _torchdyn()  # import the integrator now: a one-time cost, not an attempt's (the budget predicts from those)
@@ -867,11 +865,11 @@ class GFMCallback(pl.Callback):
                     out_device=device,
                     index=shard.index,
                 )
-            # it forecasts no optimizer state: a jump to it takes the prior's forecast state at the same horizons,
-            # else the current state
-            state = local[0].state
-            if meta_horizons != horizons:
-                state = {n: v[:1].expand(len(meta_horizons) + 1, *v.shape[1:]) for n, v in state.items()}
+            # it forecasts no optimizer state: a jump to it takes the prior's forecast state at a horizon the prior
+            # forecast too, else the current state
+            prior_rows = {h: k for k, h in enumerate(local[0].horizons)}
+            rows = [0, *(prior_rows.get(h, 0) for h in meta_horizons)]
+            state = {n: v[rows] for n, v in local[0].state.items()}
             local.append(ForecastPath([0, *meta_horizons], weights, state, seconds))
             labels.append(META_LABEL)
         # every path starts from the current weights (only the forecast's move counts, docs/experiments.md E34)

@@ -252,13 +252,3 @@ def test_a_moving_schedule_integrated_in_learning_rate_time_is_the_quadrature_of
     z = basis_integrals(field, stopped, [25, 100, 200], 50.0, 700.0, 10.0)
     torch.testing.assert_close(z[2], z[3])  # nothing moves after the rate is 0
 
-
-def test_warm_up_forecasts_a_synthetic_window_and_leaves_the_field_as_it_was():
-    from lightning_gfm.flow.meta import warm_up
-
-    torch.manual_seed(0)
-    field = MetaField(MetaConfig())
-    before = {k: v.clone() for k, v in field.state_dict().items()}
-    seconds = warm_up(field)
-    assert 0 < seconds < 10
-    assert all(torch.equal(before[k], v) for k, v in field.state_dict().items())

@@ -477,44 +477,6 @@ def meta_forecast(
     return out, time.perf_counter() - start
 
 
-@torch.no_grad()
-def warm_up(field: MetaField, device=None) -> float:
-    """Run one forecast of a few scalars on a synthetic window, so that first-call costs are paid now.
-
-    The first forecast of a process costs about 0.03 s more than later ones (torch's first calls of its
-    operations). Paid inside an attempt it inflates the do-no-harm budget's prediction of every later attempt,
-    which is made from the last one's cost; the callback pays it when fit starts instead (still wall-clock of
-    the run, counted by any benchmark). Returns the seconds spent.
-    """
-    start = time.perf_counter()
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    k, p = field.config.history + 2, 8
-    steps = torch.arange(k, dtype=torch.float64) * 10
-    w = torch.linspace(-1, 1, k * p, device=device).view(k, p).contiguous()
-    ones = torch.ones(p, device=device)
-    index = torch.zeros(p, dtype=torch.long, device=device)
-    win = Window(
-        steps=steps,
-        w=w,
-        state={},
-        lrs=torch.full((k, 1), 1e-3, dtype=torch.float64),
-        opt_steps=steps,
-        u=None,
-        u_rms=ones,
-        u_rms_tensor=ones,
-        w_rms_tensor=w.square().mean(1, keepdim=True).sqrt(),
-        roles=index,
-        tensor_index=index,
-        group_index=index,
-        interval=10.0,
-        progress=torch.zeros(k),
-    )
-    moving = torch.linspace(1e-3, 5e-4, 41, dtype=torch.float64).unsqueeze(1)
-    for lr_steps in (moving[:1].expand(41, 1), moving):  # a held schedule and a moving one
-        meta_forecast(field, win, None, lr_steps, [20, 40], 200.0, index, device=device)
-    return time.perf_counter() - start
-
-
 # ------------------------------------------------------------------------------------------------- training
 @dataclass
 class MetaRun:
