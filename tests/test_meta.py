@@ -251,4 +251,3 @@ def test_a_moving_schedule_integrated_in_learning_rate_time_is_the_quadrature_of
     stopped = torch.cat([torch.full((50, 1), 1e-3), torch.zeros(551, 1)]).double()
     z = basis_integrals(field, stopped, [25, 100, 200], 50.0, 700.0, 10.0)
     torch.testing.assert_close(z[2], z[3])  # nothing moves after the rate is 0
-
