@@ -52,7 +52,7 @@ class HeldGradient:
     depends only on the integrator and ``rate_s``; the weights move by ``dw/ds = -lr (F + decay w)``, with ``F``
     computed (per scalar) from the states one optimizer step ahead, ``s + ds = target_s + (1 - rate_s) c dev_s``,
     as in :meth:`Dynamics.velocity`. This is what lets a forecast skip integrating the states
-    (:func:`lightning_gfm.flow.ode.rk4_linear_steps`).
+    (:func:`lightning_gfm.flow.ode.held_steps`).
 
     Attributes:
         rates: relaxation rate of each state per optimizer step (Python floats).

@@ -1,4 +1,4 @@
-"""The closed-form forecast of a constant field computes what torchdyn's ``rk4`` computes (exactness, no timing)."""
+"""The closed-form forecast of a constant field against torchdyn's ``rk4`` on a fine grid (accuracy, no timing)."""
 
 import math
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_gfm.dynamics import dynamics_for, lr_by_step
 from lightning_gfm.flow.field import FieldConfig, GradientField
-from lightning_gfm.flow.ode import integrate, rk4_linear_steps
+from lightning_gfm.flow.ode import held_steps, integrate, widening_grid
 from lightning_gfm.flow.window import Window, anchor_context
 from lightning_gfm.forecast import _held_context, _held_path, forecast
 from lightning_gfm.params import ParamSpec
@@ -42,10 +42,39 @@ def _lr(lrs: list[float], t: float) -> float:
     return lrs[min(math.floor(t), len(lrs) - 1)]
 
 
-def test_rk4_linear_steps_reproduce_integrate():
-    # float64: two relaxing states, a nonlinear F of them, weights with their own time-dependent decay
+def _reference(rhs, x0, horizons, lrs, step):
+    """torchdyn's rk4 with steps of ``step``, the learning rate constant on each of its integer intervals:
+    ``rhs(lr, t, x)``, integrated piece by piece between the schedule's changes (float64)."""
+    cuts = sorted({0.0, *(float(s) for s in range(1, len(lrs)) if lrs[s] != lrs[s - 1]), *horizons})
+    cuts = [c for c in cuts if c <= horizons[-1]]
+    x, out = x0, [x0]
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        lr = _lr(lrs, lo)
+        x = integrate(lambda t, y, lr=lr, lo=lo: rhs(lr, lo + t, y), x, torch.tensor([hi - lo]), step, "rk4")[-1]
+        if hi in horizons:
+            out.append(x)
+    return torch.stack(out)
+
+
+def test_widening_grid_holds_every_horizon_and_break_and_grows():
+    grid = widening_grid([3.0, 50.0, 2000.0], 10.0, breaks=[7.0, 900.0, 5000.0])
+    assert grid[0] == 0.0 and grid[-1] == 2000.0
+    assert {3.0, 7.0, 50.0, 900.0, 2000.0} <= set(grid) and 5000.0 not in grid
+    steps = [b - a for a, b in zip(grid, grid[1:], strict=False)]
+    assert all(s > 0 for s in steps)
+    assert all(s <= max(10.0, t / 2) * (1 + 1e-9) for t, s in zip(grid, steps, strict=False))
+    assert len(grid) < 30  # about log(2000) steps, not 2000 / 10
+    capped = widening_grid([2000.0], 10.0, cap=3.0)
+    assert max(b - a for a, b in zip(capped, capped[1:], strict=False)) <= 3.0 + 1e-9
+    with pytest.raises(ValueError, match="horizons"):
+        widening_grid([5.0, 5.0], 10.0)
+
+
+def test_held_steps_match_a_fine_integration():
+    """float64: two relaxing states, a nonlinear F of them, weights with their own time-dependent decay, against
+    torchdyn's rk4 on a grid 64 times finer than the states' time scale."""
     rates, targets, devs = (0.3, 0.05), (0.7, 2.0), (-0.4, 1.5)
-    lrs = [1.0, 1.0, 0.5, 0.5, 0.5, 0.25] * 4
+    lrs = [1.0, 1.0, 0.5, 0.5, 0.5, 0.25] * 4 + [0.2] * 200
 
     def f_of(s1, s2):
         return s1 / (1.0 + s2 * s2)
@@ -56,25 +85,28 @@ def test_rk4_linear_steps_reproduce_integrate():
     def b(t):
         return -_lr(lrs, t)
 
-    def rhs(t, x):
+    def rhs(lr, t, x):
         w, s1, s2 = x
         return torch.stack(
-            [a(float(t)) * w + b(float(t)) * f_of(s1, s2), -rates[0] * (s1 - targets[0]), -rates[1] * (s2 - targets[1])]
+            [-0.02 * lr * w - lr * f_of(s1, s2), -rates[0] * (s1 - targets[0]), -rates[1] * (s2 - targets[1])]
         )
 
-    horizons = torch.tensor([2.0, 7.0, 20.0])
+    horizons = [2.0, 7.0, 20.0, 200.0]
     x0 = torch.tensor([0.5, targets[0] + devs[0], targets[1] + devs[1]], dtype=torch.float64)
-    ref = integrate(rhs, x0, horizons, 2.5, "rk4")
-    steps = rk4_linear_steps(horizons, 2.5, rates, a, b, dtype=torch.float64)
+    ref = _reference(rhs, x0, horizons, lrs, 1 / 64)
+    breaks = [float(s) for s in range(1, 25)]  # the schedule's every move
+    steps = held_steps(horizons, 1 / max(rates) / 8, rates, a, b, breaks=breaks, max_a=0.02)
+    assert len(steps) < 60
     w, out = 0.5, [ref[0, 0].item()]
     for st in steps:
         f = [f_of(targets[0] + c[0] * devs[0], targets[1] + c[1] * devs[1]) for c in st.coefs]
         w = st.keep * w + sum(q * fj for q, fj in zip(st.gains, f, strict=True))
         if st.save:
             out.append(w)
-            for r in range(2):
-                assert targets[r] + st.end[r] * devs[r] == pytest.approx(ref[len(out) - 1, 1 + r].item(), abs=1e-13)
-    torch.testing.assert_close(torch.tensor(out, dtype=torch.float64), ref[:, 0], rtol=0, atol=1e-13)
+            for r in range(2):  # the states are exact
+                assert targets[r] + st.end[r] * devs[r] == pytest.approx(ref[len(out) - 1, 1 + r].item(), abs=1e-9)
+    move = (ref[1:, 0] - ref[0, 0]).abs()
+    assert float(((torch.tensor(out[1:], dtype=torch.float64) - ref[1:, 0]).abs() / move).max()) < 1e-4
 
 
 def _system(name: str, make, n: int = 200, seed: int = 0):
@@ -100,41 +132,50 @@ def _system(name: str, make, n: int = 200, seed: int = 0):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_held_path_is_rk4_in_float64(name):
-    """The closed form and torchdyn's rk4 on the full system (optimizer state integrated) agree to float64."""
+def test_held_path_matches_a_fine_rk4_in_float64(name):
+    """The closed form against torchdyn's rk4 on the full system (optimizer state integrated), 32 times finer
+    than the optimizer's own ``max_step``, with a step schedule: within 2e-4 of the move, states within 1e-5.
+
+    The uniform rk4 of ``max_step`` the closed form replaced was 2e-3 to 8e-2 from the same reference (it also
+    read a schedule's new value at the end of the step before it changed)."""
     dyn, w0, state0, g, noise = _system(name, OPTIMIZERS[name])
     if "rmsprop" in name and noise is None:
         noise = torch.rand(w0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     names, k0 = list(dyn.state_names), 37.0
-    lrs = [0.01] * 5 + [0.004] * 40
-    horizons = torch.tensor([3.0, 10.0, 31.0])
+    lrs = [0.01] * 5 + [0.004] * 40 + [0.002] * 400
+    horizons = [3.0, 10.0, 31.0, 400.0]
     held = dyn.held_gradient(state0, g, noise)
     assert held is not None and set(held.rates) == set(names)
 
-    def rhs(t, x):
+    def rhs(lr, t, x):
         parts = x.view(1 + len(names), -1)
-        lr = torch.tensor(_lr(lrs, float(t)), dtype=torch.float64)
+        lr = torch.tensor(lr, dtype=torch.float64)
         with torch.no_grad():
             dw, ds = dyn.velocity(parts[0], dict(zip(names, parts[1:], strict=True)), g, lr, k0 + t, noise=noise)
         return torch.cat([dw, *(ds[n] for n in names)])
 
     x0 = torch.cat([w0, *(state0[n] for n in names)])
-    ref = integrate(rhs, x0, horizons, dyn.max_step, "rk4").view(len(horizons) + 1, 1 + len(names), -1)
-    steps = rk4_linear_steps(
+    ref = _reference(rhs, x0, horizons, lrs, dyn.max_step / 32).view(len(horizons) + 1, 1 + len(names), -1)
+    steps = held_steps(
         horizons,
-        dyn.max_step,
+        dyn.max_step / 8,  # as forecast() does
         [held.rates[n] for n in names],
         lambda t: -_lr(lrs, t) * held.decay,
         lambda t: -_lr(lrs, t),
-        dtype=torch.float64,
+        breaks=[5.0, 45.0],
+        max_a=0.01 * abs(held.decay),
     )
+    assert len(steps) < 30  # the old uniform grid of max_step took 400 / max_step steps or more
     weights = torch.empty(len(horizons) + 1, w0.numel(), dtype=torch.float64)
     state = {n: torch.empty_like(weights) for n in names}
     _held_path(held, names, w0, state0, k0, steps, weights, state, slice(0, w0.numel()))
     move = (ref[1:, 0] - ref[0, 0]).norm(dim=1)
-    assert float(((weights[1:] - ref[1:, 0]).norm(dim=1) / move).max()) < 1e-12
+    err = float(((weights[1:] - ref[1:, 0]).norm(dim=1) / move).max())
+    # centred RMSprop divides by sqrt(v - a^2), which nearly vanishes on the way for some scalars of this random
+    # state: a near-singular integrand (the fine reference resolves it, a quadrature of 20 steps does not)
+    assert err < (5e-2 if name == "rmsprop_centered" else 2e-4)
     for r, n in enumerate(names, start=1):
-        torch.testing.assert_close(state[n], ref[:, r], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state[n], ref[:, r], rtol=1e-5, atol=1e-8)  # the reference's own error
 
 
 def _window(make, seed=0, steps=100, every=10, width=32):
@@ -155,9 +196,16 @@ def _window(make, seed=0, steps=100, every=10, width=32):
     return Window.from_buffer(buf, spec, dyn.state_names), dyn, opt
 
 
-def _compare(win, dyn, field, lr_steps, horizons, rtol_move=2e-5):
+def _compare(win, dyn, field, lr_steps, horizons, rtol_move=5e-4):
+    """The closed form against torchdyn on the full system with steps 32 times finer than ``max_step``."""
     fast = forecast(field, win, dyn, lr_steps, horizons)
-    ref = forecast(field, win, dyn, lr_steps, horizons, closed_form=False)
+    cls = type(dyn)
+    coarse = cls.max_step
+    try:
+        cls.max_step = property(lambda self: coarse.fget(self) / 32)
+        ref = forecast(field, win, dyn, lr_steps, horizons, closed_form=False)
+    finally:
+        cls.max_step = coarse
     move = (ref.weights[1:] - ref.weights[0]).norm(dim=1)
     assert float(((fast.weights - ref.weights)[1:].norm(dim=1) / move).max()) < rtol_move
     torch.testing.assert_close(fast.weights[0], ref.weights[0], rtol=0, atol=0)
@@ -170,7 +218,7 @@ def _compare(win, dyn, field, lr_steps, horizons, rtol_move=2e-5):
 @pytest.mark.parametrize("anchor", ["state", "velocity", "trend"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_forecast_closed_form_matches_torchdyn(name, anchor):
-    """End to end in float32: the prior's closed-form forecast equals the torchdyn one up to float32 rounding."""
+    """End to end in float32: the prior's closed-form forecast is the torchdyn one of a fine grid, within 5e-4."""
     win, dyn, opt = _window(OPTIMIZERS[name])
     field = GradientField(FieldConfig(anchor=anchor, span=4.0))
     with torch.no_grad():

@@ -120,15 +120,14 @@ def _solve(odeint, f, x0: Tensor, grid: Tensor, save: Tensor, solver) -> Tensor:
 
 @dataclass(frozen=True)
 class LinearStep:
-    """One ``rk4`` step of a system whose states relax linearly and whose weights follow them (see below).
+    """One step of the weights' quadrature on a system whose states relax linearly (see :func:`held_steps`).
 
     The system: states ``s_r' = -rate_r (s_r - target_r)`` and weights ``w' = a(t) w + b(t) F(t)``, with ``F`` a
-    per-scalar function of the states at ``t``. On it ``rk4`` (the tableau and stage times of
-    ``FusedRungeKutta4``) keeps every state at ``target_r + c dev_r`` (``dev_r`` its deviation at ``t = 0``) with a
-    scalar ``c``, and its step is linear in ``w`` and in ``F`` at the four stages.
+    per-scalar function of the states at ``t``. Each state is ``target_r + c dev_r`` (``dev_r`` its deviation at
+    ``t = 0``) with a scalar ``c``, and the step is linear in ``w`` and in ``F`` at its stages.
 
     Attributes:
-        times: time of each of the four stages.
+        times: time of each stage.
         coefs: ``coefs[j][r]``: the coefficient ``c`` of state ``r`` at stage ``j``.
         keep: ``w`` after the step is ``keep * w + sum_j gains[j] * F_j``.
         gains: see ``keep``.
@@ -136,78 +135,105 @@ class LinearStep:
         save: whether the step ends on a requested time.
     """
 
-    times: tuple[float, float, float, float]
+    times: tuple[float, ...]
     coefs: tuple[tuple[float, ...], ...]
     keep: float
-    gains: tuple[float, float, float, float]
+    gains: tuple[float, ...]
     end: tuple[float, ...]
     save: bool
 
 
-def rk4_linear_steps(
-    horizons: Tensor,
-    max_step: float,
+def widening_grid(
+    horizons: Sequence[float], min_step: float, breaks: Sequence[float] = (), cap: float = math.inf
+) -> list[float]:
+    """A time grid from 0 whose steps grow with the time ahead: ``max(min_step, t / 2)``, at most ``cap``.
+
+    Every horizon and every break (e.g. where the learning rate moves) is a grid point. Far ahead the integrand of
+    a forecast changes on the scale of the time already covered (its transients have decayed), so a step of half
+    of it is about as accurate there as ``min_step`` is at the start, and the cost grows with the log of the
+    horizon instead of the horizon.
+
+    Args:
+        horizons: increasing positive times.
+        min_step: the step near the start.
+        breaks: more times the grid must hold; those past the last horizon are ignored.
+        cap: longest step.
+
+    Returns:
+        The grid, increasing, from 0 to the last horizon (Python floats).
+    """
+    if not horizons or min(horizons) <= 0 or any(b <= a for a, b in zip(horizons, horizons[1:], strict=False)):
+        raise ValueError(f"`horizons` must be positive and increasing, got {list(horizons)}.")
+    end = float(horizons[-1])
+    knots = sorted({float(h) for h in horizons} | {float(b) for b in breaks if 0 < b < end})
+    grid, t = [0.0], 0.0
+    for knot in knots:
+        while t < knot:
+            h = min(max(min_step, t / 2), cap)
+            left = knot - t
+            # the last one or two steps before a knot split what is left evenly (no sliver of a step)
+            t = knot if left <= h * (1 + 1e-9) else t + left / 2 if left <= 2 * h else t + h
+            grid.append(t)
+    return grid
+
+
+def held_steps(
+    horizons: Sequence[float],
+    min_step: float,
     rates: Sequence[float],
     a: Callable[[float], float],
     b: Callable[[float], float],
-    dtype: torch.dtype = torch.float32,
+    breaks: Sequence[float] = (),
+    max_a: float = 0.0,
 ) -> list[LinearStep]:
-    """The steps :func:`integrate` takes with ``"rk4"`` on the system of :class:`LinearStep`, as coefficients.
+    """The steps of the weights' integral on the system of :class:`LinearStep`, as coefficients.
 
-    Integrating the system with these coefficients is the same computation as :func:`integrate` in ``dtype``
-    up to rounding: the same grid, walked as torchdyn walks it in ``dtype``, the same stage times and saved times,
-    the states' stage values in closed form. Scalar Python arithmetic only (float64).
+    The states relax exactly, ``c_r(t) = exp(-rate_r t)``, so they set no stability limit on the step; the weights
+    are integrated with the classical ``rk4`` tableau (Simpson's rule on the forcing ``b F``), whose two
+    mid-step stages then coincide and are one evaluation: three per step. Steps grow with the time ahead
+    (:func:`widening_grid`), and are short enough that the weights' own rate ``a`` is integrated to about
+    ``(0.2)^5 / 120`` of its effect per step. ``a`` and ``b`` are read just inside a step's end, so that a
+    schedule whose value changes at a grid point (a break) gives each step the value of its own interval.
+    Scalar Python arithmetic only (float64).
 
     Args:
-        horizons: increasing positive times, shape ``(H,)``.
-        max_step: longest allowed solver step.
+        horizons: increasing positive times.
+        min_step: the step near the start, a fraction of the fastest state's relaxation time ``1 / max(rates)``
+            (the forecast uses an eighth: within about 1e-4 of the move of a fine integration).
         rates: relaxation rate of each state.
         a: ``a(t)`` of the weights' equation (e.g. ``-lr(t) * decay``).
         b: ``b(t)`` of the weights' equation (e.g. ``-lr(t)``).
-        dtype: the dtype :func:`integrate` would step time in (the state's).
+        breaks: times the grid must hold (where ``a`` or ``b`` jump or move far).
+        max_a: the largest ``|a(t)|`` on the way.
 
     Returns:
-        The steps in order; exactly ``H`` of them have ``save``.
+        The steps in order; exactly ``len(horizons)`` of them have ``save``.
     """
-    grid, knots = time_grid(horizons, max_step)
-    t_span, save_at = grid.to(dtype), knots.to(dtype)
+    cap = 0.2 / max_a if max_a > 0 else math.inf
+    grid = widening_grid(horizons, min_step, breaks, cap)
+    saves = {float(h) for h in horizons}
     steps: list[LinearStep] = []
-    c = [1.0] * len(rates)
-    t, dt = t_span[0], t_span[1] - t_span[0]
-    for i in range(1, len(t_span)):
-        half, sixth = dt * 0.5, dt / 6  # as FusedRungeKutta4.step computes them, in dtype
-        hv, dv, sv = float(half), float(dt), float(sixth)
-        times = (float(t), float(t + half), float(t + half), float(t + dt))
-        # each state: deviation coefficient at each stage (rk4 on s' = -rate s)
-        coefs = []
-        for r, rate in enumerate(rates):
-            s1 = c[r]
-            s2 = s1 - hv * rate * s1
-            s3 = s1 - hv * rate * s2
-            s4 = s1 - dv * rate * s3
-            coefs.append((s1, s2, s3, s4, s1 - sv * rate * (s1 + 2 * s2 + 2 * s3 + s4)))
-        # the weights: each stage value and slope as (coefficient of w, coefficients of F_1..F_4)
-        stage_w = (1.0, [0.0] * 4)
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+        dt = t_next - t
+        times = (t, t + dt / 2, t_next)
+        coefs = tuple(tuple(math.exp(-rate * tj) for rate in rates) for tj in times)
+        # rk4 on w' = a(t) w + b(t) F(t), F known at the stage times: each stage value and slope as
+        # (coefficient of w, coefficients of F at the three distinct times)
         slopes = []
-        for j, (tj, lead) in enumerate(zip(times, (0.0, hv, hv, dv), strict=True)):
+        stage_w = (1.0, [0.0, 0.0, 0.0])
+        for j, (tj, lead, f) in enumerate(zip((times[0], times[1], times[1], times[2]), (0.0, 0.5, 0.5, 1.0), (0, 1, 1, 2), strict=True)):
             if j:
                 prev = slopes[-1]
-                stage_w = (1.0 + lead * prev[0], [lead * q for q in prev[1]])
-            aj, bj = a(tj), b(tj)
+                stage_w = (1.0 + lead * dt * prev[0], [lead * dt * q for q in prev[1]])
+            inside = min(tj, t_next - 1e-9 * max(1.0, t_next))
+            aj, bj = a(inside), b(inside)
             gain = [aj * q for q in stage_w[1]]
-            gain[j] += bj
+            gain[f] += bj
             slopes.append((aj * stage_w[0], gain))
-        weights = (sv, 2 * sv, 2 * sv, sv)
+        weights = (dt / 6, dt / 3, dt / 3, dt / 6)
         keep = 1.0 + sum(wt * sl[0] for wt, sl in zip(weights, slopes, strict=True))
-        gains = tuple(sum(wt * sl[1][j] for wt, sl in zip(weights, slopes, strict=True)) for j in range(4))
-        c = [row[4] for row in coefs]
-        t = t + dt
-        save = bool(torch.isclose(t, save_at).any())
-        steps.append(
-            LinearStep(times, tuple(tuple(row[j] for row in coefs) for j in range(4)), keep, gains, tuple(c), save)
-        )
-        if i < len(t_span) - 1:
-            dt = t_span[i + 1] - t
-    if sum(st.save for st in steps) != len(knots) - 1:
-        raise RuntimeError(f"rk4 steps end on {sum(st.save for st in steps)} of {len(knots) - 1} requested times.")
+        gains = tuple(sum(wt * sl[1][j] for wt, sl in zip(weights, slopes, strict=True)) for j in range(3))
+        steps.append(LinearStep(times, coefs, keep, gains, coefs[2], t_next in saves))
+    if sum(st.save for st in steps) != len(saves):
+        raise RuntimeError(f"The grid ends steps on {sum(st.save for st in steps)} of {len(saves)} requested times.")
     return steps
