@@ -221,7 +221,8 @@ def held_steps(
         # (coefficient of w, coefficients of F at the three distinct times)
         slopes = []
         stage_w = (1.0, [0.0, 0.0, 0.0])
-        for j, (tj, lead, f) in enumerate(zip((times[0], times[1], times[1], times[2]), (0.0, 0.5, 0.5, 1.0), (0, 1, 1, 2), strict=True)):
+        stages = zip((times[0], times[1], times[1], times[2]), (0.0, 0.5, 0.5, 1.0), (0, 1, 1, 2), strict=True)
+        for j, (tj, lead, f) in enumerate(stages):
             if j:
                 prev = slopes[-1]
                 stage_w = (1.0 + lead * dt * prev[0], [lead * dt * q for q in prev[1]])
