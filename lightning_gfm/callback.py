@@ -40,7 +40,14 @@ from lightning_gfm.flow.meta import MetaField, family_of, meta_forecast
 from lightning_gfm.flow.ode import SOLVERS, _torchdyn
 from lightning_gfm.flow.window import Window, shard_sums_size
 from lightning_gfm.forecast import ForecastPath, backtest_error, forecast
-from lightning_gfm.jump import JumpOutcome, JumpRecord, StatePolicy, apply_state_policy, choose_and_apply
+from lightning_gfm.jump import (
+    JumpOutcome,
+    JumpRecord,
+    OverBudget,
+    StatePolicy,
+    apply_state_policy,
+    choose_and_apply,
+)
 from lightning_gfm.loggers import GFMReporter
 from lightning_gfm.memory import (
     DEFAULT_FRACTION,
@@ -908,16 +915,47 @@ class GFMCallback(pl.Callback):
         # weights waits until a candidate passes the screen, so a failing attempt costs its screens only
         screened = self.eval_batches > 1 and len(batches) > 1
         tick = time.perf_counter()
-        before = self._evaluate(trainer, pl_module, n=1 if screened else None)
-        eval_seconds = (time.perf_counter() - tick) * (len(batches) if screened else 1)  # a full evaluation
-        if not self._attempt_cost:  # a first attempt: its evaluation predicts its cost (screens, then in full)
-            n_points = len(horizons) * (1 + len(self.branch_trends)) + (self.meta is not None and len(horizons) < 2)
-            full = (1 + SETTLED_CANDIDATES) if screened else n_points
-            predicted = (n_points / len(batches) if screened else 0.0) * eval_seconds + full * eval_seconds
-            if not self._affordable(trainer, pl_module, predicted, start):
+        before = self._screen(trainer, pl_module) if screened else self._evaluate(trainer, pl_module)
+        first_seconds = time.perf_counter() - tick  # a screen, or a full evaluation
+        n_points = len(horizons) * (1 + len(self.branch_trends)) + (self.meta is not None and len(horizons) < 2)
+        screens: list[float] = []  # seconds of this attempt's candidate screens (warm, unlike a fit's first one)
+        full_seconds = [0.0]  # seconds of this attempt's full evaluations (checked before they run)
+
+        def screen() -> _Screened:
+            # each screen is checked against the budget, predicted by the last one: a first attempt, whose cost
+            # is unknown, stops where the budget ends (and predicts its successors from what it would have cost)
+            last = screens[-1] if screens else first_seconds
+            if not self._affordable(trainer, pl_module, last, start):
                 self.budget.skipped += 1
-                self._attempt_cost = time.perf_counter() - start + predicted  # later ones skip before evaluating
-                return
+                self._attempt_cost = time.perf_counter() - start + last * (n_points - len(screens))
+                raise OverBudget
+            t = time.perf_counter()
+            out = self._screen(trainer, pl_module)
+            screens.append(time.perf_counter() - t)
+            return out
+
+        def timed(fn):
+            def run(*args):
+                t = time.perf_counter()
+                try:
+                    return fn(*args)
+                finally:
+                    full_seconds[0] += time.perf_counter() - t
+
+            return run
+
+        def afford(n_full: int) -> bool:
+            # a full evaluation after a screen evaluates the batches the screen did not (all of them when the
+            # metric cannot be continued); without a screen, what the current weights' evaluation took
+            if screened:
+                rest = len(batches) - (1 if before.sums is not None else 0)
+                per = (sorted(screens)[len(screens) // 2] if screens else first_seconds) * rest
+            else:
+                per = first_seconds
+            ok = self._affordable(trainer, pl_module, n_full * per, start)
+            self.budget.skipped += not ok
+            return ok
+
         with _cpu_threads(self.num_threads, pl_module.device):
             path, info = self.forecast_path(trainer, pl_module, win, horizons)
         moved_start = not _equal_rows(path.weights[0], win.w[-1])
@@ -927,18 +965,28 @@ class GFMCallback(pl.Callback):
         decision = choose_and_apply(
             spec,
             path,
-            lambda: self._evaluate(trainer, pl_module),
+            timed(lambda: self._evaluate(trainer, pl_module)),
             mode=self.mode,
             min_delta=self.min_delta,
             metric_before=None if screened else before,
             evaluate_start=moved_start,
             start_is_candidate=False,  # denoising alone is undone by training (docs/experiments.md, E7-E8)
-            # successive halving: every candidate on one batch, the best two on all of them
-            screen=(lambda: self._evaluate(trainer, pl_module, n=1)) if screened else None,
+            # successive halving: every candidate on one batch, the best two on all of them (continuing the
+            # screen's sums: its batch is not evaluated twice)
+            screen=screen if screened else None,
             screen_before=before if screened else None,
             keep=SETTLED_CANDIDATES,
+            complete=timed(lambda s: self._complete(trainer, pl_module, s)) if screened else None,
+            afford=afford,
         )
-        self._attempt_cost = time.perf_counter() - start
+        eval_seconds = (
+            (sorted(screens)[len(screens) // 2] if screens else first_seconds) * len(batches)
+            if screened
+            else first_seconds
+        )  # a full evaluation, for settling's prediction
+        if decision.outcome is not JumpOutcome.OVER_BUDGET or len(screens) == n_points:
+            # the next attempt's first check: forecast and screens (its full evaluations are checked when they come)
+            self._attempt_cost = time.perf_counter() - start - full_seconds[0]
         settled = None
         if decision.outcome is JumpOutcome.ROLLED_BACK and self._can_settle(trainer, spec):
             settled = self._settle(trainer, pl_module, path, decision, step, start, eval_seconds)
@@ -1176,15 +1224,41 @@ class GFMCallback(pl.Callback):
     @torch.no_grad()
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n: int | None = None) -> float:
         """The monitored metric of the weights in the model, on the cached batches (the first ``n`` of them)."""
+        return self._evaluate_from(trainer, pl_module, None, n).metric
+
+    def _screen(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _Screened:
+        """The metric on the first cached batch, with the sums :meth:`_complete` continues."""
+        return self._evaluate_from(trainer, pl_module, None, 1)
+
+    def _complete(self, trainer: pl.Trainer, pl_module: pl.LightningModule, screened: _Screened) -> float:
+        """The full metric of the weights in the model, continuing from their screen (``screened``).
+
+        The same sums in the same order as :meth:`_evaluate` over every batch, so the same number, bit for bit;
+        a metric that cannot be continued (a torchmetrics ``Metric``) is evaluated in full.
+        """
+        return self._evaluate_from(trainer, pl_module, screened, None).metric
+
+    @torch.no_grad()
+    def _evaluate_from(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, resume: _Screened | None, n: int | None
+    ) -> _Screened:
+        """Evaluate the cached batches ``[done, n)`` (``done``: those ``resume`` covered), continuing its sums."""
         if self._spec is not None and self._spec.sharded:
             _reshard(pl_module)  # FSDP2 would reuse the parameters it gathered for the previous candidate
         batches, step_name = self._eval_data(trainer, pl_module)
-        batches = batches if n is None else batches[:n]
-        total = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
+        if resume is not None and resume.sums is None:
+            resume = None  # not continuable: evaluate every batch
+        done = 0 if resume is None else resume.done
+        stop = len(batches) if n is None else min(n, len(batches))
+        if resume is not None and done >= stop:
+            return resume
+        total = torch.zeros(2, dtype=torch.float64, device=pl_module.device) if resume is None else resume.sums.clone()
         plugin = trainer.precision_plugin
         context = plugin.val_step_context() if step_name == "validation_step" else plugin.train_step_context()
+        continuable = True
         with _quiet_evaluation(pl_module) as logs, context:  # the same autocast as the real step
-            for i, batch in enumerate(batches):
+            for i in range(done, stop):
+                batch = batches[i]
                 logs.batch_size = _batch_size(batch)
                 out = getattr(pl_module, step_name)(batch, i)
                 if step_name == "training_step" and self.monitor not in logs.values:
@@ -1198,13 +1272,18 @@ class GFMCallback(pl.Callback):
                     f"(it logged {logged}). Log it with `self.log({self.monitor!r}, ...)` or set `monitor`."
                 )
             if name in logs.metrics:
-                total[0], total[1] = float(logs.metrics[name].compute()), 1.0
+                continuable = False
+                if resume is None:
+                    total[0], total[1] = float(logs.metrics[name].compute()), 1.0
             else:
                 for value, weight in logs.values[name]:
                     total[0] += value * weight
                     total[1] += weight
+        if not continuable and resume is not None:  # a metric object's state cannot be continued: every batch again
+            return self._evaluate_from(trainer, pl_module, None, n)
+        local_sums = total.clone() if continuable else None
         total = trainer.strategy.reduce(total, reduce_op="sum") if trainer.world_size > 1 else total
-        return float(total[0] / total[1])
+        return _Screened(float(total[0] / total[1]), local_sums, stop)
 
     # --------------------------------------------------------------- logging
     def _log(
@@ -1441,6 +1520,25 @@ def _cpu_threads(n: int | None, device: torch.device):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@dataclasses.dataclass
+class _Screened:
+    """The monitored metric on the first ``done`` evaluation batches, and the sums the rest continue.
+
+    Attributes:
+        metric: the metric over those batches (reduced over ranks).
+        sums: this rank's ``(sum of value * weight, sum of weight)`` over them, float64, shape ``(2,)``; ``None``
+            for a torchmetrics metric, whose state cannot be continued.
+        done: how many of the cached batches were evaluated.
+    """
+
+    metric: float
+    sums: Tensor | None
+    done: int
+
+    def __float__(self) -> float:
+        return self.metric
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +27,9 @@ class JumpOutcome(str, Enum):
     """Every candidate had a non-finite weight, state or metric; nothing was applied."""
     NO_FORECAST = "no_forecast"
     """The window was too short or the horizon empty; nothing was tried."""
+    OVER_BUDGET = "over_budget"
+    """A candidate passed the screen, but evaluating it in full would exceed the do-no-harm budget; weights
+    restored bit-exactly, the screens spent."""
 
 
 class StatePolicy(str, Enum):
@@ -40,6 +44,13 @@ class StatePolicy(str, Enum):
     KEEP = "keep"
     RESET = "reset"
     FORECAST = "forecast"
+
+
+class OverBudget(Exception):
+    """Raised by an evaluation passed to :func:`choose_and_apply` to stop an attempt the budget cannot afford.
+
+    The weights are restored bit-exactly and the decision is ``OVER_BUDGET``.
+    """
 
 
 @dataclass
@@ -157,9 +168,11 @@ def choose_and_apply(
     metric_before: float | None = None,
     evaluate_start: bool = False,
     start_is_candidate: bool = True,
-    screen: Callable[[], float] | None = None,
-    screen_before: float | None = None,
+    screen: Callable[[], Any] | None = None,
+    screen_before: Any = None,
     keep: int = 2,
+    complete: Callable[[Any], float] | None = None,
+    afford: Callable[[int], bool] | None = None,
 ) -> Decision:
     """Evaluate every point of ``path`` in place, then keep the best one or restore the weights bit-exactly.
 
@@ -180,8 +193,14 @@ def choose_and_apply(
         screen: a cheaper metric (e.g. ``evaluate`` on one of its batches): with more than ``keep`` candidates,
             every candidate is screened with it, and only the best ``keep`` are evaluated in full, and only if one
             of them beats the current weights' screen (successive halving: a failing attempt costs its screen).
-        screen_before: the screen's metric at the current weights, when already known.
+        screen_before: the screen's result at the current weights, when already known.
         keep: candidates evaluated in full after the screen.
+        complete: with ``screen``, evaluates in full the weights in the model from that point's screen result
+            (e.g. the remaining batches added to the screen's sums), so the screen's batch is not evaluated
+            twice; ``screen`` then returns a result whose ``float()`` is its metric. Without it, ``evaluate``.
+        afford: called with the number of full evaluations about to be made, before the first of them; when it
+            returns False nothing is evaluated in full and the weights are restored (``OVER_BUDGET``). An
+            evaluation may also raise :class:`OverBudget` (e.g. a screen the budget cannot afford), to the same end.
 
     Returns:
         The :class:`Decision`.
@@ -194,26 +213,45 @@ def choose_and_apply(
     screened: list[float] = []
     screen_value = float("nan")
     start_metric = None
+    tokens: dict[int, Any] = {}  # screen results by path index (-1: the current weights), for ``complete``
+
+    def full_metric(key: int) -> float:
+        return float(complete(tokens[key])) if complete is not None and key in tokens else float(evaluate())
+
+    if screen_before is not None:
+        tokens[-1] = screen_before
     try:
         full = [h for h in range(1, n + 1) if bool(finite[h])]
         if screen is not None and len(full) > keep:
-            screen_value = float(screen()) if screen_before is None else float(screen_before)
+            tokens[-1] = screen() if screen_before is None else screen_before
+            screen_value = float(tokens[-1])
             screened = [float("nan")] * n
             for h in full:
                 spec.write_(path.weights[h].to(spec.device))
-                screened[h - 1] = float(screen())
+                tokens[h] = screen()
+                screened[h - 1] = float(tokens[h])
             sign = 1.0 if mode == "min" else -1.0
             ranked = sorted((h for h in full if math.isfinite(screened[h - 1])), key=lambda h: sign * screened[h - 1])
             full = ranked[:keep] if any(better(screened[h - 1], screen_value, mode, 0.0) for h in ranked) else []
-        if before is None and (full or evaluate_start or not screened):
+        need_before = before is None and bool(full or evaluate_start or not screened)
+        n_full = len(full) + int(need_before) + int(evaluate_start and bool(finite[0]))
+        if afford is not None and n_full and not afford(n_full):
             _restore(spec, saved)
-            before = float(evaluate())
+            over = screen_value if before is None else before
+            return Decision(None, over, metrics, JumpOutcome.OVER_BUDGET, None, screened, screen_value)
+        if need_before:
+            _restore(spec, saved)
+            before = full_metric(-1)
         if evaluate_start and bool(finite[0]):
             spec.write_(path.weights[0].to(spec.device))
             start_metric = float(evaluate())
         for h in full:
             spec.write_(path.weights[h].to(spec.device))
-            metrics[h - 1] = float(evaluate())
+            metrics[h - 1] = full_metric(h)
+    except OverBudget:
+        _restore(spec, saved)
+        over = screen_value if before is None else before
+        return Decision(None, over, metrics, JumpOutcome.OVER_BUDGET, start_metric, screened, screen_value)
     except BaseException:
         _restore(spec, saved)
         raise

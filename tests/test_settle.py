@@ -308,15 +308,32 @@ def test_a_first_attempt_too_dear_to_evaluate_skips_every_later_attempt_without_
     class DearEval(_Spike):
         evaluations = 0
 
-        def _evaluate(self, trainer, pl_module, n=None):
+        def _evaluate_from(self, trainer, pl_module, resume, n):
             DearEval.evaluations += 1
             time.sleep(0.2)  # one evaluation alone costs more than 3 % of this whole run
-            return super()._evaluate(trainer, pl_module, n)
+            return super()._evaluate_from(trainer, pl_module, resume, n)
 
     gfm = DearEval(record_every=1, jump_every=12, window=12, overhead=0.03)
     _fit([gfm], max_steps=72)
-    assert not gfm.jumps and gfm.budget.skipped == 6
-    assert DearEval.evaluations == 1  # the first attempt's own evaluation shows the cost; no other is made
+    # the first attempt's own screen shows the cost: its candidates' screens are not made, nor any later attempt
+    assert [j.outcome for j in gfm.jumps] == ["over_budget"] and not gfm.jumps[0].accepted
+    assert gfm.budget.skipped == 6 and DearEval.evaluations == 1
+
+
+def test_a_full_evaluation_continued_from_its_screen_is_the_full_evaluation_bit_for_bit(tmp_path):
+    from tests.models import tiny_trainer
+
+    gfm = GFMCallback(jump_every=10**6, eval_batches=4)
+    model = DigitsModule(batch_size=16)
+    trainer = tiny_trainer(tmp_path, [gfm], max_steps=3)
+    trainer.fit(model)
+    batches, _ = gfm._eval_data(trainer, model)
+    assert len(batches) >= 3  # the screen's batch, then at least two more
+    screened = gfm._screen(trainer, model)
+    assert screened.done == 1 and screened.metric == gfm._evaluate(trainer, model, n=1)
+    assert gfm._complete(trainer, model, screened) == gfm._evaluate(trainer, model)  # exact, not approximate
+    two = gfm._evaluate_from(trainer, model, None, 2)  # any prefix continues
+    assert two.done == 2 and gfm._complete(trainer, model, two) == gfm._evaluate(trainer, model)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed-scaler"])

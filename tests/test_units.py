@@ -271,3 +271,70 @@ def test_a_known_screen_of_the_current_weights_is_not_evaluated_again():
     assert calls == {"screen": 4, "full": 1 + 2}
     assert decision.screen_before == 3.0 and decision.metric_before == pytest.approx(3.0)
     assert decision.outcome is JumpOutcome.ACCEPTED and decision.index == 3
+
+
+def test_a_screened_point_is_completed_from_its_screen_not_evaluated_again():
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    target = spec.flatten() + 3.0
+    path = _path(spec, [0.0, 1.0, 2.0, 3.5, 5.0])
+    calls = {"screen": 0, "full": 0, "complete": 0}
+
+    def distance() -> float:
+        return float((spec.flatten() - target).abs().mean())
+
+    def screen():
+        calls["screen"] += 1
+        return (distance() + 0.1, spec.flatten().clone())  # the token carries what it screened
+
+    class Token(tuple):
+        def __float__(self):
+            return self[0]
+
+    def complete(token):
+        calls["complete"] += 1
+        assert torch.equal(token[1], spec.flatten())  # completed at the weights it screened
+        return token[0] - 0.1
+
+    def full():
+        calls["full"] += 1
+        return distance()
+
+    decision = choose_and_apply(spec, path, full, screen=lambda: Token(screen()), keep=2, complete=complete)
+    assert calls == {"screen": 1 + 4, "full": 0, "complete": 1 + 2}
+    assert decision.outcome is JumpOutcome.ACCEPTED and decision.index == 3
+    assert decision.metric_before == pytest.approx(3.0)
+
+
+def test_an_unaffordable_full_evaluation_restores_the_weights_and_evaluates_nothing_in_full():
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    before = spec.flatten().clone()
+    path = _path(spec, [0.0, 1.0, 2.0, 3.5, 5.0])
+    calls, evaluate, screen = _counted(spec, spec.flatten() + 3.0, screen_offset=0.1)
+    asked = []
+    decision = choose_and_apply(spec, path, evaluate, screen=screen, keep=2, afford=lambda n: asked.append(n) and False)
+    assert asked == [1 + 2]  # the current weights and the best two, asked for at once
+    assert calls == {"screen": 1 + 4, "full": 0}
+    assert decision.outcome is JumpOutcome.OVER_BUDGET and decision.index is None
+    assert decision.metric_before == decision.screen_before
+    assert torch.equal(spec.flatten(), before)
+
+
+def test_a_screen_that_raises_over_budget_ends_the_attempt_with_the_weights_restored():
+    from lightning_gfm.jump import OverBudget
+
+    model = _model()
+    spec = ParamSpec.from_module(model)
+    before = spec.flatten().clone()
+    path = _path(spec, [0.0, 1.0, 2.0, 3.5, 5.0])
+    calls, evaluate, screen = _counted(spec, spec.flatten() + 3.0, screen_offset=0.1)
+
+    def dear_screen():
+        if calls["screen"] == 2:
+            raise OverBudget
+        return screen()
+
+    decision = choose_and_apply(spec, path, evaluate, screen=dear_screen, keep=2)
+    assert calls == {"screen": 2, "full": 0}
+    assert decision.outcome is JumpOutcome.OVER_BUDGET and torch.equal(spec.flatten(), before)
