@@ -1,10 +1,13 @@
 """What the do-no-harm budget decides at each of GFM's attempts on a dev task (E45):
 
     python -m benchmarks.experiments.budget_probe digits-cnn --seeds 0 1
+    python -m benchmarks.experiments.budget_probe digits-cnn --seeds 0 1 2 --repeats 3 --attempts-only
 
 Prints every budget check (the predicted seconds, what GFM has spent, its allowance, the run's seconds per
-optimizer step, the answer), every evaluation's batches and seconds, then the attempts' outcomes. Dev tasks only:
-held-out tasks are measured by the benchmark, never probed.
+optimizer step, the answer), every evaluation's batches and seconds, then the attempts' outcomes; with
+``--attempts-only`` only the outcomes, patching nothing (so it runs on older checkouts of the callback too, for
+the budget's timing coin: the same seed, repeated). Dev tasks only: held-out tasks are measured by the benchmark,
+never probed.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("task")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--attempts-only", action="store_true")
     args = parser.parse_args(argv)
     if TASKS[args.task].split != "dev":
         raise SystemExit(f"`task`: {args.task!r} is a held-out task; probe dev tasks only.")
     _quiet()
     torch.set_num_threads(1)
     cls = callback.GFMCallback
-    affordable, evaluate_from = cls._affordable, cls._evaluate_from
+    affordable, evaluate_from = cls._affordable, getattr(cls, "_evaluate_from", None)  # None before E45
 
     def checked(self, trainer, pl_module, predicted, start):
         ok = affordable(self, trainer, pl_module, predicted, start)
@@ -49,15 +54,18 @@ def main(argv=None) -> None:
         print(f"  evaluate step {trainer.global_step}: batches {done}..{out.done}, {ms:.1f} ms")
         return out
 
-    cls._affordable, cls._evaluate_from = checked, timed
+    if not args.attempts_only:
+        cls._affordable, cls._evaluate_from = checked, timed
     try:
-        for seed in args.seeds:
-            print(f"{args.task} seed {seed}")
-            run, _ = run_one(args.task, "gfm", seed, False)
-            attempts = [(j["step"], round(j["seconds"], 3), j["outcome"], j["horizon"]) for j in run["jumps"]]
-            print("  attempts:", attempts)
+        for repeat in range(args.repeats):
+            for seed in args.seeds:
+                print(f"{args.task} seed {seed} repeat {repeat}", flush=True)
+                run, _ = run_one(args.task, "gfm", seed, False)
+                attempts = [(j["step"], round(j["seconds"], 3), j["outcome"], j["horizon"]) for j in run["jumps"]]
+                print("  attempts:", attempts, flush=True)
     finally:
-        cls._affordable, cls._evaluate_from = affordable, evaluate_from
+        if not args.attempts_only:
+            cls._affordable, cls._evaluate_from = affordable, evaluate_from
 
 
 if __name__ == "__main__":
