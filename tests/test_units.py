@@ -306,12 +306,17 @@ def test_a_screened_point_is_completed_from_its_screen_not_evaluated_again():
     assert decision.metric_before == pytest.approx(3.0)
 
 
-def test_an_unaffordable_full_evaluation_restores_the_weights_and_evaluates_nothing_in_full():
-    model = _model()
-    spec = ParamSpec.from_module(model)
+def _five_candidates():
+    """A model, its weights, a path of four candidates (the best at 3.5) and counted full / screen metrics."""
+    spec = ParamSpec.from_module(_model())
     before = spec.flatten().clone()
     path = _path(spec, [0.0, 1.0, 2.0, 3.5, 5.0])
     calls, evaluate, screen = _counted(spec, spec.flatten() + 3.0, screen_offset=0.1)
+    return spec, before, path, calls, evaluate, screen
+
+
+def test_an_unaffordable_full_evaluation_restores_the_weights_and_evaluates_nothing_in_full():
+    spec, before, path, calls, evaluate, screen = _five_candidates()
     asked = []
     decision = choose_and_apply(spec, path, evaluate, screen=screen, keep=2, afford=lambda n: asked.append(n) and False)
     assert asked == [1 + 2]  # the current weights and the best two, asked for at once
@@ -324,11 +329,7 @@ def test_an_unaffordable_full_evaluation_restores_the_weights_and_evaluates_noth
 def test_a_screen_that_raises_over_budget_ends_the_attempt_with_the_weights_restored():
     from lightning_gfm.jump import OverBudget
 
-    model = _model()
-    spec = ParamSpec.from_module(model)
-    before = spec.flatten().clone()
-    path = _path(spec, [0.0, 1.0, 2.0, 3.5, 5.0])
-    calls, evaluate, screen = _counted(spec, spec.flatten() + 3.0, screen_offset=0.1)
+    spec, before, path, calls, evaluate, screen = _five_candidates()
 
     def dear_screen():
         if calls["screen"] == 2:
