@@ -920,6 +920,7 @@ class GFMCallback(pl.Callback):
         n_points = len(horizons) * (1 + len(self.branch_trends)) + (self.meta is not None and len(horizons) < 2)
         screens: list[float] = []  # seconds of this attempt's candidate screens (warm, unlike a fit's first one)
         full_seconds = [0.0]  # seconds of this attempt's full evaluations (checked before they run)
+        stopped: list[bool] = []  # a screen the budget refused (it then predicted the next attempt itself)
 
         def screen() -> _Screened:
             # each screen is checked against the budget, predicted by the last one: a first attempt, whose cost
@@ -928,6 +929,7 @@ class GFMCallback(pl.Callback):
             if not self._affordable(trainer, pl_module, last, start):
                 self.budget.skipped += 1
                 self._attempt_cost = time.perf_counter() - start + last * (n_points - len(screens))
+                stopped.append(True)
                 raise OverBudget
             t = time.perf_counter()
             out = self._screen(trainer, pl_module)
@@ -984,7 +986,7 @@ class GFMCallback(pl.Callback):
             if screened
             else first_seconds
         )  # a full evaluation, for settling's prediction
-        if decision.outcome is not JumpOutcome.OVER_BUDGET or len(screens) == n_points:
+        if not stopped:
             # the next attempt's first check: forecast and screens (its full evaluations are checked when they come)
             self._attempt_cost = time.perf_counter() - start - full_seconds[0]
         settled = None
