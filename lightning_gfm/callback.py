@@ -946,12 +946,15 @@ class GFMCallback(pl.Callback):
 
             return run
 
+        def screen_seconds() -> float:  # a warm screen: the median of this attempt's, else the first
+            return sorted(screens)[len(screens) // 2] if screens else first_seconds
+
         def afford(n_full: int) -> bool:
             # a full evaluation after a screen evaluates the batches the screen did not (all of them when the
             # metric cannot be continued); without a screen, what the current weights' evaluation took
             if screened:
                 rest = len(batches) - (1 if before.sums is not None else 0)
-                per = (sorted(screens)[len(screens) // 2] if screens else first_seconds) * rest
+                per = screen_seconds() * rest
             else:
                 per = first_seconds
             ok = self._affordable(trainer, pl_module, n_full * per, start)
@@ -981,11 +984,7 @@ class GFMCallback(pl.Callback):
             complete=timed(lambda s: self._complete(trainer, pl_module, s)) if screened else None,
             afford=afford,
         )
-        eval_seconds = (
-            (sorted(screens)[len(screens) // 2] if screens else first_seconds) * len(batches)
-            if screened
-            else first_seconds
-        )  # a full evaluation, for settling's prediction
+        eval_seconds = screen_seconds() * len(batches) if screened else first_seconds  # for settling's prediction
         if not stopped:
             # the next attempt's first check: forecast and screens (its full evaluations are checked when they come)
             self._attempt_cost = time.perf_counter() - start - full_seconds[0]
@@ -1223,7 +1222,6 @@ class GFMCallback(pl.Callback):
         self._eval_cache = (batches, step_name)
         return self._eval_cache
 
-    @torch.no_grad()
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n: int | None = None) -> float:
         """The monitored metric of the weights in the model, on the cached batches (the first ``n`` of them)."""
         return self._evaluate_from(trainer, pl_module, None, n).metric
