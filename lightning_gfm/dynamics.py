@@ -101,6 +101,37 @@ class _MomentumHeld(HeldGradient):
             acc.add_(self.gp, alpha=scale)
 
 
+class LinearHeld(HeldGradient):
+    """A held system in which the weights feed back into the state: ``z' = M(lr) z`` for ``z = (w, s, g)``.
+
+    SGD with momentum and coupled weight decay: the buffer is driven by ``g + wd w``, so it has no fixed target and
+    :class:`HeldGradient`'s relaxation does not apply. The system is still linear, and its ``3 x 3`` generator
+    :meth:`generator` is shared by every scalar (one value of each hyperparameter), so the solution over an
+    interval of constant learning rate is one matrix exponential: a forecast is a product of ``3 x 3`` matrices
+    (float64, per schedule) and then three passes over each tensor per horizon, however far it reaches.
+
+    Attributes:
+        name: the state's key (``"momentum_buffer"``).
+        gp: the held surrogate ``g`` (maximization's sign applied), shape ``(P,)``.
+    """
+
+    def __init__(self, state, gp: Tensor, mu: float, damp: float, nesterov: bool, decay: float) -> None:
+        super().__init__({}, {}, {}, 0.0)
+        self.name, self.gp, self.state0 = "momentum_buffer", gp, state["momentum_buffer"]
+        self.rates = {self.name: 1 - mu}  # the state it carries (the forecast checks the names)
+        self.mu, self.damp, self.nesterov, self.wd = mu, damp, nesterov, decay
+
+    def generator(self, lr: float) -> list[list[float]]:
+        """``M`` with ``d(w, b, g)/ds = M (w, b, g)`` at learning rate ``lr`` (as :meth:`MomentumDynamics.velocity`).
+
+        ``b_next = mu b + c (g + wd w)`` with ``c = 1 - dampening``; ``dw/ds = -lr b_next`` (Nesterov:
+        ``-lr ((g + wd w) + mu b_next)``), ``db/ds = b_next - b``.
+        """
+        mu, c, wd = self.mu, 1.0 - self.damp, self.wd
+        drive, carry = (1.0 + mu * c, mu * mu) if self.nesterov else (c, mu)
+        return [[-lr * drive * wd, -lr * carry, -lr * drive], [c * wd, mu - 1.0, c], [0.0, 0.0, 0.0]]
+
+
 class _AdamHeld(HeldGradient):
     """Adam/AdamW without coupled weight decay: ``F = m_hat / (sqrt(v_hat) + eps)`` of the moments a step ahead."""
 
@@ -228,8 +259,9 @@ class Dynamics(ABC):
     def held_gradient(self, state: dict[str, Tensor], g: Tensor, noise: Tensor | None) -> HeldGradient | None:
         """The closed form of this optimizer under the constant surrogate ``g`` (:class:`HeldGradient`).
 
-        ``None`` when there is none here: the weights feed back into the states (coupled weight decay with
-        moments), a state is not a linear relaxation (RMSprop's momentum), or the groups' hyperparameters differ.
+        ``None`` when there is none here: the weights feed back into a nonlinear state (Adam's coupled weight
+        decay), a state is not a linear relaxation (RMSprop's momentum), or the groups' hyperparameters differ.
+        SGD's momentum with coupled weight decay is linear in ``(w, b)``: :class:`LinearHeld`.
         """
         return None
 
@@ -306,8 +338,10 @@ class MomentumDynamics(Dynamics):
 
     def held_gradient(self, state, g, noise):
         hs = self._shared("momentum", "dampening", "weight_decay")
-        if hs is None or hs[2] != 0.0 or not 0.0 < hs[0] < 1.0:
+        if hs is None or not 0.0 < hs[0] < 1.0:
             return None
+        if hs[2] != 0.0:  # the weights drive the buffer: a linear system of (w, b), not a relaxation
+            return LinearHeld(state, self._sign(g), hs[0], hs[1], bool(self.hyper["nesterov"][0]), hs[2])
         return _MomentumHeld(state, self._sign(g), hs[0], hs[1], bool(self.hyper["nesterov"][0]))
 
     def gradient_estimate(self, w, state, u, lr, k):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_gfm.dynamics import Dynamics, HeldGradient
+from lightning_gfm.dynamics import Dynamics, HeldGradient, LinearHeld
 from lightning_gfm.flow.field import GradientField, dynamic_features
 from lightning_gfm.flow.ode import LinearStep, held_steps, integrate
 from lightning_gfm.flow.window import Context, Window, anchor_context
@@ -142,6 +142,57 @@ def _held_steps(held: HeldGradient, names: list[str], lr_tab: Tensor, times: Ten
             max_a=top * abs(held.decay),
         )
     return cache[key]
+
+
+def _linear_plan(held: LinearHeld, lr_tab: Tensor, times: Tensor, cache: dict) -> Tensor:
+    """The propagators of a :class:`LinearHeld` system from the anchor to each horizon, shape ``(H, 3, 3)`` (float64).
+
+    The learning rate is constant on each interval ``[s, s + 1)`` of the schedule (row ``s`` of ``lr_tab``), so
+    the solution is exact: one matrix exponential per run of equal rates, multiplied in order. Shared by all chunks.
+    """
+    key = ("linear", held.mu, held.damp, held.nesterov, held.wd)
+    if key not in cache:
+        horizons = times.tolist()
+        lrs = lr_tab[: math.ceil(horizons[-1]) + 1, 0].tolist()
+        changes = (float(s) for s in range(1, min(len(lrs), math.ceil(horizons[-1]))) if lrs[s] != lrs[s - 1])
+        cuts = sorted({*horizons, *changes})  # rows past the table's end repeat its last
+        spans, t = [], 0.0
+        for cut in cuts:
+            spans.append((lrs[min(math.floor(t), len(lrs) - 1)], cut - t))
+            t = cut
+        gens = torch.tensor([held.generator(lr) for lr, _ in spans], dtype=torch.float64)
+        lengths = torch.tensor([dt for _, dt in spans], dtype=torch.float64)
+        steps = torch.linalg.matrix_exp(gens * lengths[:, None, None])
+        phi, out, saves = torch.eye(3, dtype=torch.float64), [], set(horizons)
+        for cut, step in zip(cuts, steps, strict=True):
+            phi = step @ phi
+            if cut in saves:
+                out.append(phi)
+        cache[key] = torch.stack(out)
+    return cache[key]
+
+
+def _linear_path(
+    held: LinearHeld,
+    w0: Tensor,
+    plan: Tensor,
+    weights: Tensor,
+    state: dict[str, Tensor],
+    cols: slice,
+) -> None:
+    """The forecast of a :class:`LinearHeld` system, written into ``weights[:, cols]`` and ``state``.
+
+    With ``z = (w, b, g)`` at the anchor and ``Phi`` a horizon's propagator: ``w = w0 + (Phi_00 - 1) w0 + Phi_01 b0
+    + Phi_02 g`` (the displacement formed first: float32 rounding relative to the move, not to the weights) and
+    ``b = Phi_10 w0 + Phi_11 b0 + Phi_12 g``.
+    """
+    b0, gp, name = held.state0, held.gp, held.name
+    weights[0, cols] = w0
+    state[name][0, cols] = b0
+    for h, phi in enumerate(plan.tolist(), start=1):
+        move = torch.mul(w0, phi[0][0] - 1.0).add_(b0, alpha=phi[0][1]).add_(gp, alpha=phi[0][2])
+        weights[h, cols] = move.add_(w0)
+        state[name][h, cols] = torch.mul(w0, phi[1][0]).add_(b0, alpha=phi[1][1]).add_(gp, alpha=phi[1][2])
 
 
 def _held_path(
@@ -340,6 +391,9 @@ def forecast(
             held, w0, state0, k0 = _held_context(field, win, dyn, anchor, cols, device)
             if held is None or set(held.rates) != set(names):
                 return False
+            if isinstance(held, LinearHeld):
+                _linear_path(held, w0, _linear_plan(held, lr_tab, times, plans), weights, state, slice(lo, hi))
+                return True
             steps = _held_steps(held, names, lr_tab, times, dyn.max_step, plans)
             _held_path(held, names, w0, state0, k0, steps, weights, state, slice(lo, hi))
         return True
