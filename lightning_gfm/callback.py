@@ -1217,6 +1217,10 @@ class GFMCallback(pl.Callback):
                     break
                 batch = trainer.strategy.batch_to_device(batch)
                 batches.append(trainer.precision_plugin.convert_input(batch))  # e.g. bf16-true casts inputs
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank evaluates the same number of batches: whether to screen, how far a full evaluation goes
+            # and each reduction of the sums are then the same on every rank (uneven shards would hang them)
+            del batches[min_over_ranks(len(batches), device=pl_module.device) :]
         if not batches:
             raise ValueError("GFMCallback found no batch to evaluate candidates on (the loader is empty).")
         self._eval_cache = (batches, step_name)

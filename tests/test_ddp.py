@@ -158,6 +158,43 @@ def test_ddp_settling_and_the_budget_agree_across_ranks(tmp_path):
     assert torch.equal(r0["weights"], r1["weights"])  # the private steps kept the ranks identical, unbroadcast
 
 
+class _UnevenValidation(DigitsModule):
+    """Each rank reads its own validation loader: one batch on rank 0, two on rank 1 (no distributed sampler)."""
+
+    def val_dataloader(self):
+        x, y = self.val_data
+        n = 100 if self.global_rank == 0 else 200
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:n], y[:n]), batch_size=128)
+
+
+@pytest.mark.timeout(120)
+def test_ddp_ranks_with_uneven_validation_batches_evaluate_alike(tmp_path):
+    # rank 0 alone could not screen (one batch) while rank 1 would: their reductions would no longer pair up and
+    # the fit would hang. The ranks agree on the smallest count, so both evaluate one batch, without a screen.
+    previous = mp.get_sharing_strategy()
+    mp.set_sharing_strategy("file_system")
+    try:
+        pl.seed_everything(0, verbose=False)
+        gfm = _NoBroadcast(overhead=None, **FAST)
+        trainer = tiny_trainer(
+            tmp_path,
+            [gfm, _DumpRank(tmp_path)],
+            strategy="ddp_spawn",
+            devices=2,
+            max_steps=45,
+            use_distributed_sampler=False,
+        )
+        trainer.fit(_UnevenValidation())
+    finally:
+        mp.set_sharing_strategy(previous)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert len(r0["decisions"]) == 2 and r0["decisions"] == r1["decisions"]
+    assert r0["metrics"] == r1["metrics"]
+    assert all(before is not None for before, _, _ in r0["metrics"])  # no screen: the current weights in full
+    assert torch.equal(r0["weights"], r1["weights"])  # without the safety broadcast
+
+
 @pytest.mark.timeout(120)
 def test_ddp_rank_failure_stops_every_rank(tmp_path):
     with pytest.raises(Exception, match="ranks failed during the sharded forecast"):
