@@ -313,7 +313,7 @@ class SGDDynamics(Dynamics):
         return None if wd is None else _SGDHeld(self._sign(g), wd[0])
 
     def gradient_estimate(self, w, state, u, lr, k):
-        return self._sign(-u / lr.clamp_min(_TINY)) - self.h("weight_decay", w) * w
+        return self._sign(-u / lr.clamp_min(_TINY) - self.h("weight_decay", w) * w)
 
     def gradient_scale(self, state, u_rms, lr, k):
         return u_rms / lr.clamp_min(_TINY) + _TINY
@@ -355,7 +355,7 @@ class MomentumDynamics(Dynamics):
         if self.hyper["nesterov"][0]:
             gain = 1 + mu * gain
         gp = -u / (lr.clamp_min(_TINY) * gain)
-        return self._sign(gp) - self.h("weight_decay", w) * w
+        return self._sign(gp - self.h("weight_decay", w) * w)
 
     def gradient_scale(self, state, u_rms, lr, k):
         mu = self.h("momentum", u_rms)
@@ -449,7 +449,7 @@ class AdamDynamics(Dynamics):
         decoupled, wd = self.h("decoupled", w), self.h("weight_decay", w)
         denom = self.gradient_scale(state, u, lr, k)
         m_hat = (-u / lr.clamp_min(_TINY) - decoupled * wd * w) * denom
-        return self._sign(m_hat) - (1 - decoupled) * wd * w
+        return self._sign(m_hat - (1 - decoupled) * wd * w)
 
     def gradient_scale(self, state, u_rms, lr, k):
         v_hat = state["exp_avg_sq"] / self._corrections(k, u_rms)[1]
@@ -511,7 +511,7 @@ class RMSpropDynamics(Dynamics):
             gp = state["momentum_buffer"] * (1 - self.h("momentum", w)) * avg
         else:
             gp = -u * avg / lr.clamp_min(_TINY)
-        return self._sign(gp) - self.h("weight_decay", w) * w
+        return self._sign(gp - self.h("weight_decay", w) * w)
 
     def gradient_noise(self, w, state, g, k):
         gp = self._coupled(self._sign(g), w)
@@ -522,7 +522,7 @@ class RMSpropDynamics(Dynamics):
         gp = -u * avg / lr.clamp_min(_TINY)
         if "momentum_buffer" in state:
             gp = gp * (1 - self.h("momentum", w))
-        return self._sign(gp) - self.h("weight_decay", w) * w
+        return self._sign(gp - self.h("weight_decay", w) * w)
 
     def gradient_scale(self, state, u_rms, lr, k):
         return self._avg(state["square_avg"], state.get("grad_avg"), self.h("eps", u_rms))
@@ -632,7 +632,7 @@ class NAdamDynamics(_MomentsDynamics):
         a, b = self._coefficients(_step_tensor(k, w), w)
         denom = self.gradient_scale(state, u, lr, k)
         gp = (-u / lr.clamp_min(_TINY) - decay * w) * denom / (a + b)
-        return self._sign(gp) - coupled * w
+        return self._sign(gp - coupled * w)
 
 
 def _nadam_log_product(b1: Tensor | float, psi: Tensor | float, t: Tensor, terms: int = 48) -> Tensor:
@@ -688,7 +688,7 @@ class RAdamDynamics(_MomentsDynamics):
         coupled, decay = self._decays(w)
         gain = self._gain(_step_tensor(k, w), state["exp_avg_sq"], w)
         gp = (-u / lr.clamp_min(_TINY) - decay * w) / gain
-        return self._sign(gp) - coupled * w
+        return self._sign(gp - coupled * w)
 
 
 class AdamaxDynamics(Dynamics):
@@ -720,7 +720,7 @@ class AdamaxDynamics(Dynamics):
         return state["exp_avg"] / (1 - self._hs("beta1", like) ** kk)
 
     def gradient_estimate(self, w, state, u, lr, k):
-        return self._sign(self._m_hat(state, k, w)) - self.h("weight_decay", w) * w
+        return self._sign(self._m_hat(state, k, w) - self.h("weight_decay", w) * w)
 
     def gradient_noise(self, w, state, g, k):
         gp = self._coupled(self._sign(g), w)
@@ -729,7 +729,7 @@ class AdamaxDynamics(Dynamics):
 
     def gradient_from_velocity(self, w, state, u, lr, k):
         gp = -u * state["exp_inf"] / lr.clamp_min(_TINY)
-        return self._sign(gp) - self.h("weight_decay", w) * w
+        return self._sign(gp - self.h("weight_decay", w) * w)
 
     def gradient_scale(self, state, u_rms, lr, k):
         return state["exp_inf"].clamp_min(0) + _TINY
@@ -764,7 +764,7 @@ class AdagradDynamics(Dynamics):
 
     def gradient_estimate(self, w, state, u, lr, k):
         gp = -u * self._std(state, w) / self._clr(lr, k, w).clamp_min(_TINY)
-        return self._sign(gp) - self.h("weight_decay", w) * w
+        return self._sign(gp - self.h("weight_decay", w) * w)
 
     def gradient_noise(self, w, state, g, k):
         kk = torch.as_tensor(k, dtype=w.dtype, device=w.device).clamp_min(1.0)

@@ -116,6 +116,48 @@ def test_gradient_estimate_recovers_a_constant_gradient(name):
     torch.testing.assert_close(g_u, g_true, rtol=1e-2, atol=1e-3)
 
 
+MAXIMIZE_DECAY = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.05, maximize=True),
+    "momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.05, maximize=True),
+    "nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.05, maximize=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.05, maximize=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05, maximize=True),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, weight_decay=0.05, maximize=True),
+    "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, weight_decay=0.05, maximize=True),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=0.05, maximize=True),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=0.05, maximize=True),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=1e-2, weight_decay=0.05, maximize=True),
+}
+
+
+@pytest.mark.parametrize("name", list(MAXIMIZE_DECAY))
+def test_gradient_estimates_invert_maximize_with_coupled_decay(name):
+    # The weights are pinned at w0 after every step, so the state reaches the steady state of the held gradient
+    # at w0 (coupled decay included); maximization flips the loss gradient, never the decay term.
+    torch.manual_seed(0)
+    w0 = torch.linspace(-2, 2, 6)
+    p = torch.nn.Parameter(w0.clone())
+    opt = MAXIMIZE_DECAY[name]([p])
+    g_true = torch.linspace(1, -0.5, 6)
+    for _ in range(600):
+        p.grad = g_true.clone()
+        opt.step()
+        with torch.no_grad():
+            p.copy_(w0)
+    module = torch.nn.Module()
+    module.p = p
+    spec = ParamSpec.from_module(module, opt)
+    dyn = dynamics_for(opt, spec)
+    state = read_state(opt, spec, dyn.state_names)
+    lr = torch.full((6,), opt.param_groups[0]["lr"])
+    k = torch.tensor(float(step_count(opt, spec)))
+    p.grad = g_true.clone()
+    opt.step()
+    u = spec.flatten() - w0  # the steady velocity at w0
+    torch.testing.assert_close(dyn.gradient_estimate(w0, state, u, lr, k), g_true, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(dyn.gradient_from_velocity(w0, state, u, lr, k), g_true, rtol=1e-2, atol=1e-3)
+
+
 def test_sgd_gradient_estimate_from_velocity():
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([p], lr=0.1)
