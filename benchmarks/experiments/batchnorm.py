@@ -63,7 +63,8 @@ def scores(module: DigitsCNNBN, refresh: int) -> dict[str, float]:
     for m in _norms(batch):
         m.train()  # the batch's own statistics (the copy's running statistics are discarded)
     x, y = batch.val_data
-    total = sum(float(batch.loss_and_correct(batch, (x[i : i + 256], y[i : i + 256]))[0]) for i in range(0, len(x), 256))
+    parts = [batch.loss_and_correct(batch, (x[i : i + 256], y[i : i + 256]))[0] for i in range(0, len(x), 256)]
+    total = sum(float(v) for v in parts)
     out["batch"] = total / len(x)
     fresh = copy.deepcopy(module)
     for m in _norms(fresh):
