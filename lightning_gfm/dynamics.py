@@ -108,7 +108,8 @@ class LinearHeld(HeldGradient):
     :class:`HeldGradient`'s relaxation does not apply. The system is still linear, and its ``3 x 3`` generator
     :meth:`generator` is shared by every scalar (one value of each hyperparameter), so the solution over an
     interval of constant learning rate is one matrix exponential: a forecast is a product of ``3 x 3`` matrices
-    (float64, per schedule) and then three passes over each tensor per horizon, however far it reaches.
+    (float64, per schedule) and then three multiply-adds for the weights and three for the buffer per horizon,
+    however far it reaches.
 
     Attributes:
         name: the state's key (``"momentum_buffer"``).
