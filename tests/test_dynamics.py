@@ -86,6 +86,23 @@ def test_one_euler_step_is_one_optimizer_step(name, steps_before):
         torch.testing.assert_close(state[key] + dstate[key], after[key], rtol=1e-5, atol=1e-8)
 
 
+def _steady(p, opt, g, steps, pin=None):
+    """Step ``opt`` ``steps`` times on the constant gradient ``g`` (weights reset to ``pin`` after each step when
+    given); return ``spec, dyn, state, lr, k`` as the callback reads them."""
+    for _ in range(steps):
+        p.grad = g.clone()
+        opt.step()
+        if pin is not None:
+            with torch.no_grad():
+                p.copy_(pin)
+    module = torch.nn.Module()
+    module.p = p
+    spec = ParamSpec.from_module(module, opt)
+    dyn = dynamics_for(opt, spec)
+    lr = torch.full((p.numel(),), opt.param_groups[0]["lr"])
+    return spec, dyn, read_state(opt, spec, dyn.state_names), lr, torch.tensor(float(step_count(opt, spec)))
+
+
 @pytest.mark.parametrize("name", ["momentum", "adam", "rmsprop_momentum", "nadam", "radam", "adamax"])
 def test_gradient_estimate_recovers_a_constant_gradient(name):
     # With a constant gradient the moments converge to their steady state, where the estimate is exact.
@@ -95,16 +112,7 @@ def test_gradient_estimate_recovers_a_constant_gradient(name):
     g_true = torch.linspace(-1, 1, 6)
     for group in opt.param_groups:
         group["weight_decay"] = 0.0
-    for _ in range(400):
-        p.grad = g_true.clone()
-        opt.step()
-    module = torch.nn.Module()
-    module.p = p
-    spec = ParamSpec.from_module(module, opt)
-    dyn = dynamics_for(opt, spec)
-    state = read_state(opt, spec, dyn.state_names)
-    lr = torch.full((6,), opt.param_groups[0]["lr"])
-    k = torch.tensor(float(step_count(opt, spec)))
+    spec, dyn, state, lr, k = _steady(p, opt, g_true, 400)
     g0 = dyn.gradient_estimate(spec.flatten(), state, torch.zeros(6), lr, k)
     torch.testing.assert_close(g0, g_true, rtol=1e-3, atol=1e-4)
     # the same gradient, read back from the steady velocity through the optimizer's preconditioning
@@ -139,18 +147,7 @@ def test_gradient_estimates_invert_maximize_with_coupled_decay(name):
     p = torch.nn.Parameter(w0.clone())
     opt = MAXIMIZE_DECAY[name]([p])
     g_true = torch.linspace(1, -0.5, 6)
-    for _ in range(600):
-        p.grad = g_true.clone()
-        opt.step()
-        with torch.no_grad():
-            p.copy_(w0)
-    module = torch.nn.Module()
-    module.p = p
-    spec = ParamSpec.from_module(module, opt)
-    dyn = dynamics_for(opt, spec)
-    state = read_state(opt, spec, dyn.state_names)
-    lr = torch.full((6,), opt.param_groups[0]["lr"])
-    k = torch.tensor(float(step_count(opt, spec)))
+    spec, dyn, state, lr, k = _steady(p, opt, g_true, 600, pin=w0)
     p.grad = g_true.clone()
     opt.step()
     u = spec.flatten() - w0  # the steady velocity at w0
