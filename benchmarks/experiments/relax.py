@@ -19,6 +19,7 @@ Dev tasks only: held-out tasks are measured by the benchmark, never probed (``be
 from __future__ import annotations
 
 import argparse
+import math
 
 import lightning.pytorch as pl
 import torch
@@ -80,8 +81,9 @@ class _Probe(TimedGFM):
             gains = []
             for q in range(5):
                 m = bins == q
-                gains.append(float((d[m] * truth[m]).sum() / d[m].pow(2).sum().clamp_min(1e-30)))
-            tops = [float(x[bins == q].median()) for q in range(5)]
+                gain = (d[m] * truth[m]).sum() / d[m].pow(2).sum().clamp_min(1e-30) if m.any() else math.nan
+                gains.append(float(gain))  # a quintile is empty where many scalars tie at lam = 0
+            tops = [float(x[bins == q].median()) if (bins == q).any() else math.nan for q in range(5)]
             for name, move in (("prior", d), ("relaxed", d * factor), ("oracle", truth)):
                 spec.write_((now + move).to(spec.device))
                 self.rows.append((f"{name} +{h}", h, self._evaluate(trainer, pl_module), float("nan")))
