@@ -356,8 +356,9 @@ def forecast(
         closed_form: where the field's output is constant (the untrained prior) and the optimizer's states then
             relax linearly (:meth:`Dynamics.held_gradient`), compute the forecast in closed form
             (:func:`_held_path`: the states exact, the weights' integral on a widening grid; within about 1e-3
-            of the move of a fine integration, and many times cheaper); ``False`` always integrates the full
-            system with torchdyn.
+            of the move of a fine integration, and many times cheaper; SGD momentum with coupled weight decay,
+            a linear system of weights and buffer, exactly: :func:`_linear_path`); ``False`` always integrates
+            the full system with torchdyn.
 
     Returns:
         The :class:`ForecastPath`, horizon 0 included.
