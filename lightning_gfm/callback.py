@@ -60,7 +60,7 @@ from lightning_gfm.memory import (
     plan_memory,
 )
 from lightning_gfm.params import ParamSpec, local
-from lightning_gfm.settle import AttemptBudget, Settled, TrainingState, settle_and_choose
+from lightning_gfm.settle import AttemptBudget, Settled, TrainingState, settle_and_choose, settling_cost
 from lightning_gfm.trajectory import TrajectoryBuffer
 
 #: landed candidates settled when none wins where it lands (the best two: a second chance at half the cost)
@@ -1094,8 +1094,8 @@ class GFMCallback(pl.Callback):
         if not order:
             return None
         steps = self.settle
-        # the reference and each candidate: their steps, an evaluation half-way and one at the end
-        predicted = (1 + len(order)) * (steps * self._step_seconds(trainer, start) + 2 * eval_seconds)
+        step_seconds = self._step_seconds(trainer, start)
+        predicted = settling_cost(len(order), steps, step_seconds=step_seconds, eval_seconds=eval_seconds)
         if not self._affordable(trainer, pl_module, predicted, start):
             self.budget.skipped += 1
             return None

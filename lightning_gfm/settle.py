@@ -173,6 +173,21 @@ def settle_and_choose(
         raise
 
 
+def settling_cost(n_candidates: int, steps: int, *, step_seconds: float, eval_seconds: float) -> float:
+    """Seconds a settling is predicted to cost the run: the discarded branches' steps and every evaluation.
+
+    Exactly one branch of ``steps`` steps is always kept (the settled reference, or the winning candidate in its
+    place) and is the run's own progress, credited back by :meth:`AttemptBudget.earn`; so the cost is the other
+    ``n_candidates`` branches' steps (an upper bound: a candidate behind half-way stops there) and the two
+    evaluations of each of the ``1 + n_candidates`` branches.
+
+    Example:
+        >>> settling_cost(2, 30, step_seconds=0.01, eval_seconds=0.05)  # 60 discarded steps, 6 evaluations
+        0.9
+    """
+    return n_candidates * steps * step_seconds + (1 + n_candidates) * 2 * eval_seconds
+
+
 def _at_least(a: float, b: float, mode: str) -> bool:
     """Whether ``a`` is at least as good as ``b`` (NaN never is)."""
     if not math.isfinite(a):

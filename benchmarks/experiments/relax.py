@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.methods import OracleJumps, TimedGFM
 from benchmarks.run import _quiet, run_one
-from benchmarks.suite import TASKS
+from benchmarks.suite import TASKS, TUNABLE
 
 
 def relaxation_rates(w: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ class _Probe(TimedGFM):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=[n for n, t in TASKS.items() if t.split == "dev"])
+    parser.add_argument("task", choices=[n for n, t in TASKS.items() if t.split in TUNABLE])
     parser.add_argument("--at", type=int, required=True, help="global step of the attempt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--snapshots", type=int, default=8, help="snapshots the rates are estimated from")

@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.methods import OracleJumps, TimedGFM
 from benchmarks.run import _quiet, run_one
-from benchmarks.suite import TASKS
+from benchmarks.suite import TASKS, TUNABLE
 from lightning_gfm.callback import META_LABEL
 from lightning_gfm.jump import apply_state_policy
 from lightning_gfm.settle import TrainingState
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     parser.add_argument("--horizons", type=int, nargs="+", default=None, help="candidate horizons (default: GFM's)")
     parser.add_argument("--log", default=str(LOG))
     args = parser.parse_args(argv)
-    if TASKS[args.task].split != "dev":
+    if TASKS[args.task].split not in TUNABLE:
         print(f"note: {args.task} is a {TASKS[args.task].split} task; no default may be chosen from this probe.")
     torch.set_num_threads(1)
     _quiet()
