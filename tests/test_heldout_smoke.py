@@ -41,6 +41,25 @@ def test_splits_are_disjoint_and_cover_the_issue():
     assert any(k.get("accumulate_grad_batches", 1) > 1 for k in kwargs)
 
 
+def test_the_long_split_is_tunable_and_long_enough_for_a_settled_attempt():
+    from benchmarks.suite import TUNABLE
+
+    long = tasks_in("long")
+    assert long and set(long).isdisjoint(tasks_in("dev") + tasks_in("heldout")) and "long" in TUNABLE
+    assert "heldout" not in TUNABLE
+    # 3 % of each run covers the three 30-step branches of one settled attempt (the reason the split exists)
+    assert all(0.03 * TASKS[t].full.max_steps >= 3 * 30 for t in long)
+
+
+def test_quick_long_split_runs_end_to_end(tmp_path):
+    out = tmp_path / "long.json"
+    run_benchmark(quick=True, splits=["long"], methods=["baseline", "gfm"], seeds=[0], out=out, log=lambda *a: None)
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python -m benchmarks.run --quick --split long")
+    assert {r["task"] for r in result["rows"]} == set(tasks_in("long", quick=True))
+    assert all(r["split"] == "long" for r in result["rows"])
+
+
 def test_quick_heldout_benchmark_and_report(tmp_path):
     out = tmp_path / "heldout.json"
     run_benchmark(quick=True, splits=["heldout"], methods=METHODS, seeds=[0], out=out, log=lambda *a: None)
