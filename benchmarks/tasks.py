@@ -278,13 +278,16 @@ def _windows(ids: Tensor, context: int, stride: int, limit: int | None = None) -
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
 
-def charlm_splits(context: int = 64) -> tuple[tuple[Split, Split, Split], int]:
-    """Deterministic split by position: first 90 % train, next 5 % val, last 5 % test (256 test windows)."""
+def charlm_splits(context: int = 64, test_windows: int | None = 128) -> tuple[tuple[Split, Split, Split], int]:
+    """Deterministic split by position: first 90 % train, next 5 % val (128 windows), last 5 % test.
+
+    ``test_windows``: how many test windows of the last 5 % are scored (``None``: all of them).
+    """
     ids, vocab = _corpus()
     a, b = int(0.9 * len(ids)), int(0.95 * len(ids))
     train = _windows(ids[:a], context, context // 2)
     val = _windows(ids[a:b], context, context, limit=128)
-    test = _windows(ids[b:], context, context, limit=128)
+    test = _windows(ids[b:], context, context, limit=test_windows)
     return (train, val, test), vocab
 
 
