@@ -55,9 +55,9 @@ def _baseline(task: str, seed: int, cache: Path) -> dict:
     if key not in runs:
         run, recorder = run_one(task, "baseline", seed, False)
         steps, weights = recorder
+        cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save((steps, weights), cache.with_name(f"ref_{task}_{seed}.pt"))
         runs[key] = {"curve": run["curve"], "train_seconds": run["train_seconds"], "final": run["final_metric"]}
-        cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(runs))
     return runs[key]
 
