@@ -336,17 +336,12 @@ def summary_row(run: dict, baseline: dict, split: str = "dev") -> dict:
     ``split`` is used when the run does not name its own (results written before the splits existed).
     """
     jumps = run.get("jumps", [])
-    reached = run["steps_to_target"]
-    # optimizer steps taken: the run's schedule plus every private settling step up to the crossing (kept or not)
-    private = sum(j.get("settle_steps", 0) for j in jumps if reached is not None and j["step"] <= reached)
     return {
         "task": run["task"],
         "split": run.get("split", split),
         "method": run["method"],
         "seed": run["seed"],
         "steps_saved": _saved(run["steps_to_target"], baseline["steps_to_target"]),
-        "opt_steps_saved": _saved(None if reached is None else reached + private, baseline["steps_to_target"]),
-        "settle_steps": sum(j.get("settle_steps", 0) for j in jumps),
         "attempts_skipped": run.get("attempts_skipped", 0),
         "wall_saved": _saved(run["seconds_to_target"], baseline["seconds_to_target"]),
         "final_test": run["final_metric"],
@@ -429,21 +424,16 @@ def render_heldout(result: dict | None, report_command: str, dev: dict | None = 
         "after the other); "
         f"seeds {seeds}. Protocol as above: same seed and data order for every method, target = the baseline's "
         "test loss averaged over its last 3 evaluations, *saved* = 1 − method / baseline to first reach it (0 % "
-        "when never reached), wall-clock counting every overhead. *Steps* are the run's schedule (global steps); "
-        "*optimizer steps* add GFM's private settling steps up to the crossing, kept or discarded. Fast Forward's "
-        "line-search steps are not "
-        "optimizer steps, so its cost shows in wall-clock only. Methods: `benchmarks/methods.py`, "
+        "when never reached), wall-clock counting every overhead. *Steps* are optimizer steps (global steps). "
+        "Fast Forward's line-search steps are not optimizer steps, so its cost shows in wall-clock only. "
+        "Methods: `benchmarks/methods.py`, "
         "`benchmarks/competitors.py`.",
         "",
         *dev_note,
         "### Medians over every task and seed of a split",
         "",
-        "| method | "
-        + " | ".join(
-            f"{s} steps saved | {s} optimizer steps saved | {s} wall-clock saved | {s} reached" for s in splits
-        )
-        + " |",
-        "|---|" + "---|---|---|---|" * len(splits),
+        "| method | " + " | ".join(f"{s} steps saved | {s} wall-clock saved | {s} reached" for s in splits) + " |",
+        "|---|" + "---|---|---|" * len(splits),
     ]
     for m in methods:
         cells = []
@@ -451,7 +441,6 @@ def render_heldout(result: dict | None, report_command: str, dev: dict | None = 
             rs = pick(split=s, method=m)
             cells += [
                 _pct(_median(r["steps_saved"] for r in rs)),
-                _pct(_median(r.get("opt_steps_saved", r["steps_saved"]) for r in rs)),
                 _pct(_median(r["wall_saved"] for r in rs)),
                 f"{sum(r['reached'] for r in rs)}/{len(rs)}",
             ]

@@ -185,10 +185,6 @@ def run_one(
                     "backtest_fitted": j.backtest_fitted,
                     "backtest_prior": j.backtest_prior,
                     "candidates": j.candidates,
-                    "settle_steps": j.settle_steps,
-                    "settle_kept": j.settle_kept,
-                    "settled": j.settled,
-                    "settle_reference": j.settle_reference,
                 }
                 for j in cb.jumps
             ]

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_gfm.budget import AttemptBudget
 from lightning_gfm.distributed import Shard, agree, exchange, fit_message_size, min_over_ranks
 from lightning_gfm.dynamics import (
     calls_needed,
@@ -60,11 +61,18 @@ from lightning_gfm.memory import (
     plan_memory,
 )
 from lightning_gfm.params import ParamSpec, local
-from lightning_gfm.settle import AttemptBudget, Settled, TrainingState, settle_and_choose, settling_cost
 from lightning_gfm.trajectory import TrajectoryBuffer
 
-#: landed candidates settled when none wins where it lands (the best two: a second chance at half the cost)
-SETTLED_CANDIDATES = 2
+#: candidates evaluated in full after the screen (successive halving: the best two of the screen)
+FULL_CANDIDATES = 2
+#: keyword arguments that were removed, and why (``GFMCallback(**{name: ...})`` raises this message)
+REMOVED: dict[str, str] = {
+    "settle": (
+        "judging candidates after a few private optimizer steps measured no better than judging them where they "
+        "land, on the dev runs and on runs long enough to afford it (docs/experiments.md, E41 and E48); "
+        "candidates are judged where they land. Remove the argument."
+    ),
+}
 #: branch label of the meta-trained field's points in a joined forecast path (trend lengths label the prior's)
 META_LABEL = -1
 #: scalars per chunk of a meta-trained field's forecast on a CPU (its per-scalar network's activations fit the cache)
@@ -153,16 +161,9 @@ class GFMCallback(pl.Callback):
         min_delta: relative improvement over staying put a jump must show (``0.01`` = 1 %). (A forecaster whose
             path starts elsewhere than the current weights, see :meth:`forecast_path`, must also beat its start.)
         eval_batches: validation batches used for each evaluation (fixed for the whole fit, cached on device).
-        settle: when no candidate beats staying put where it lands, train the no-jump reference and the two
-            best landed candidates this many optimizer steps each on the same fresh training batches and judge
-            them there (a forecast that overshoots in a few stiff directions spikes the loss, and a few steps
-            repair it; :mod:`~lightning_gfm.settle`). The winner keeps its settling steps; the other branches are
-            rolled back bit-exactly; the scheduler and ``global_step`` do not move. ``0`` (default) judges where
-            candidates land: on the dev tasks, within the ``overhead`` budget, settling was never affordable, and
-            without the budget it saved fewer steps (docs/experiments.md, E41).
         overhead: share of the planned training time GFM may spend on recording and attempts, beyond the time
-            its accepted jumps saved (``0.03`` = 3 %, :class:`~lightning_gfm.settle.AttemptBudget`): an attempt
-            or a settling predicted to exceed it is skipped, so a run GFM cannot speed up loses about this much.
+            its accepted jumps saved (``0.03`` = 3 %, :class:`~lightning_gfm.budget.AttemptBudget`): an attempt
+            or an evaluation predicted to exceed it is skipped, so a run GFM cannot speed up loses about this much.
             ``None``: no limit.
         optimizer_state: after an accepted jump, take the ``"forecast"`` optimizer state the ODE carried (the
             default: best test loss with Adam in ``benchmarks/state_policy.py``, no difference with SGD momentum),
@@ -242,7 +243,6 @@ class GFMCallback(pl.Callback):
         mode: Literal["min", "max"] = "min",
         min_delta: float = 0.0,
         eval_batches: int = 4,
-        settle: int = 0,
         overhead: float | None = 0.03,
         optimizer_state: Literal["forecast", "keep", "reset"] = "forecast",
         field: str | None = None,
@@ -264,8 +264,13 @@ class GFMCallback(pl.Callback):
         generic_dynamics: bool = False,
         num_threads: int | None = 1,
         seed: int = 0,
+        **removed: Any,
     ) -> None:
         super().__init__()
+        for name in removed:
+            if name in REMOVED:
+                raise TypeError(f"GFMCallback's `{name}` was removed: {REMOVED[name]}")
+            raise TypeError(f"GFMCallback() got an unexpected keyword argument {name!r}.")
         if record_every is not None:
             _check_int("record_every", record_every, 1)
         _check_int("window", window, 4)
@@ -285,7 +290,6 @@ class GFMCallback(pl.Callback):
             _check_int("horizon", horizon, 1)
         _check_int("n_candidates", n_candidates, 1)
         _check_int("eval_batches", eval_batches, 1)
-        _check_int("settle", settle, 0)
         if overhead is not None and not (
             isinstance(overhead, int | float)
             and not isinstance(overhead, bool)
@@ -368,8 +372,7 @@ class GFMCallback(pl.Callback):
         self.mode = mode
         self.min_delta = float(min_delta)
         self.eval_batches = eval_batches
-        self.settle = settle
-        #: the do-no-harm rule (:class:`~lightning_gfm.settle.AttemptBudget`); ``budget.skipped`` counts skips.
+        #: the do-no-harm rule (:class:`~lightning_gfm.budget.AttemptBudget`); ``budget.skipped`` counts skips.
         self.budget = AttemptBudget(overhead)
         self.field_path = None if field is None else os.fspath(field)
         #: a meta-trained field's file (:class:`~lightning_gfm.flow.meta.MetaField`): its forecast shares an
@@ -420,7 +423,6 @@ class GFMCallback(pl.Callback):
         self._spent = 0.0  # GFM's own seconds in this fit (recording and attempts), against the budget
         self._roles: Tensor | None = None  # every scalar's layer role (uint8), for a meta-trained field's inputs
         self._attempt_cost = 0.0  # wall-clock of the last attempt's forecast and landing evaluation
-        self._settle_iter: Any = None  # a private pass over the training data for settling batches
 
     # ------------------------------------------------------------------ when
     def should_record(self, step: int) -> bool:
@@ -546,7 +548,7 @@ class GFMCallback(pl.Callback):
             extra = int(self.meta is not None and self.n_candidates < 2)
             n_points = (self.n_candidates * (1 + len(self.branch_trends)) + extra) * (2 if joined else 1)
             hidden = max(self.field_config.hidden, 0 if self.meta is None else 3 * self.meta.config.hidden // 2)
-            sizes = dict(n_horizons=n_points, hidden=hidden, settle=bool(self.settle))
+            sizes = dict(n_horizons=n_points, hidden=hidden)
             if self.memory_budget == "auto":
                 item = local(spec.params[0]).element_size()
                 footprint = footprint_bytes(spec.numel, len(names), item)
@@ -600,7 +602,7 @@ class GFMCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start the clock the do-no-harm budget measures the run's own step time with."""
-        self._clock, self._spent, self._settle_iter = (time.perf_counter(), trainer.global_step), 0.0, None
+        self._clock, self._spent = (time.perf_counter(), trainer.global_step), 0.0
         self._attempt_cost = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -980,29 +982,23 @@ class GFMCallback(pl.Callback):
             # screen's sums: its batch is not evaluated twice)
             screen=screen if screened else None,
             screen_before=before if screened else None,
-            keep=SETTLED_CANDIDATES,
+            keep=FULL_CANDIDATES,
             complete=timed(lambda s: self._complete(trainer, pl_module, s)) if screened else None,
             afford=afford,
         )
-        eval_seconds = screen_seconds() * len(batches) if screened else first_seconds  # for settling's prediction
         if not stopped:
             # the next attempt's first check: forecast and screens (its full evaluations are checked when they come)
             self._attempt_cost = time.perf_counter() - start - full_seconds[0]
-        settled = None
-        if decision.outcome is JumpOutcome.ROLLED_BACK and self._can_settle(trainer, spec):
-            settled = self._settle(trainer, pl_module, path, decision, step, start, eval_seconds)
         if spec.sharded:
             _reshard(pl_module)  # the next forward must gather the shards just written, not reuse stale ones
             self._check_same_decision(trainer, decision.index)
         self._sync_weights(trainer)
-        index = decision.index if settled is None else settled.index
-        accepted = decision.outcome is JumpOutcome.ACCEPTED or index is not None
+        index = decision.index
+        accepted = decision.outcome is JumpOutcome.ACCEPTED
         if decision.outcome is JumpOutcome.ACCEPTED:
             apply_state_policy(opt, spec, self.optimizer_state, path, index)
         if accepted:
             self.budget.earn(path.horizons[index])
-        if settled is not None:
-            self.budget.earn(settled.kept)  # the kept branch's settling steps are the run's progress too
         evaluated = [
             (h, m)
             for h, m in zip(path.horizons[1:], decision.metrics, strict=False)
@@ -1017,23 +1013,17 @@ class GFMCallback(pl.Callback):
             source=("meta" if path.branches and path.branches[index] == META_LABEL else "prior") if accepted else "",
             accepted=accepted,
             metric_before=decision.metric_before,
-            metric_after=decision.metric_after if settled is None else settled.metric,
+            metric_after=decision.metric_after,
             outcome=JumpOutcome.ACCEPTED.value if accepted else decision.outcome.value,
             seconds=time.perf_counter() - start,
             candidates=evaluated,
             screened=[(h, m) for h, m in zip(path.horizons[1:], decision.screened, strict=False)],
             **info,
         )
-        if settled is not None:
-            record.settle_steps, record.settle_kept = settled.steps, settled.kept
-            record.settled = [(path.horizons[k], mid, end) for k, mid, end in settled.candidates]
-            record.settle_reference = settled.reference[1]
         self.jumps.append(record)
         self._log(trainer, record, path.branch(index if accepted else None), win)
         # after logging: a lean window is a view of the buffer, and the picture shows it as recorded
-        if settled is not None:  # the weights moved by the settling steps (and the jump): the window moves along
-            self.buffer.shift_(spec.flatten().to(self.buffer.device), win.w[-1])
-        elif accepted:
+        if accepted:
             k = decision.index
             dstate = None
             if self.optimizer_state is StatePolicy.FORECAST:
@@ -1044,7 +1034,7 @@ class GFMCallback(pl.Callback):
             self.buffer.clear()
             self._record(trainer, step)
 
-    # -------------------------------------------------------------- settling
+    # -------------------------------------------------------------- budget
     def _step_seconds(self, trainer: pl.Trainer, now: float) -> float:
         """Mean wall-clock of one of this fit's optimizer steps, GFM's own time left out (NaN before the first)."""
         if self._clock is None:
@@ -1067,102 +1057,6 @@ class GFMCallback(pl.Callback):
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             ok = agree(ok, device=pl_module.device)
         return ok
-
-    def _can_settle(self, trainer: pl.Trainer, spec: ParamSpec) -> bool:
-        """Whether this run can settle candidates.
-
-        Settling takes private optimizer steps: not with a gradient scaler (its state would move too), nor with
-        sharded parameters or several training loaders (not implemented).
-        """
-        if not self.settle or spec.sharded or getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return False
-        return not isinstance(trainer.train_dataloader, list | tuple | dict)
-
-    def _settle(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        path: ForecastPath,
-        decision: Any,
-        step: int,
-        start: float,
-        eval_seconds: float,
-    ) -> Settled | None:
-        """Judge the best landed candidates after ``settle`` optimizer steps against the settled reference."""
-        best = decision.ranking(self.mode)[:SETTLED_CANDIDATES]  # the best landed: in full, else by the screen
-        order = sorted(best, key=lambda k: -path.horizons[k])  # the farther first
-        if not order:
-            return None
-        steps = self.settle
-        step_seconds = self._step_seconds(trainer, start)
-        predicted = settling_cost(len(order), steps, step_seconds=step_seconds, eval_seconds=eval_seconds)
-        if not self._affordable(trainer, pl_module, predicted, start):
-            self.budget.skipped += 1
-            return None
-        opt, spec = trainer.optimizers[0], self._spec
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # dropout and shuffling in branches: not the user's stream
-            torch.manual_seed(self.seed + step)
-            batches = self._settle_batches(trainer, steps)
-
-            def land(k: int) -> None:
-                spec.write_(path.weights[k].to(spec.device))
-                apply_state_policy(opt, spec, self.optimizer_state, path, k)
-
-            with _quiet_evaluation(pl_module, train=True):
-                return settle_and_choose(
-                    order,
-                    land=land,
-                    step=lambda i: self._private_step(trainer, pl_module, opt, batches[i]),
-                    evaluate=lambda: self._evaluate(trainer, pl_module),
-                    capture=lambda: TrainingState.capture(pl_module, opt, spec.tensors),
-                    restore=lambda state: state.restore(pl_module, opt, spec.tensors),
-                    steps=steps,
-                    mode=self.mode,
-                    min_delta=self.min_delta,
-                )
-
-    def _settle_batches(self, trainer: pl.Trainer, steps: int) -> list[list[Any]]:
-        """Training batches for ``steps`` optimizer steps (``accumulate_grad_batches`` each).
-
-        From a private pass over the training data (the run's own pass is untouched), on the model's device and
-        converted as the loop sends them.
-        """
-        loader = trainer.train_dataloader
-        out = []
-        for _ in range(steps):
-            micro = []
-            for _ in range(trainer.accumulate_grad_batches):
-                batch = next(self._settle_iter, None) if self._settle_iter is not None else None
-                if batch is None:  # first use, or the private pass reached its end: start another
-                    self._settle_iter = iter(loader)
-                    batch = next(self._settle_iter, None)
-                    if batch is None:
-                        raise ValueError("GFMCallback found no training batch to settle candidates on.")
-                batch = trainer.strategy.batch_to_device(batch)
-                micro.append(trainer.precision_plugin.convert_input(batch))
-            out.append(micro)
-        return out
-
-    def _private_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: torch.optim.Optimizer, micro: list[Any]
-    ) -> None:
-        """One optimizer step as the loop takes it, without its counters.
-
-        The forward goes through the strategy (DDP averages the gradients), the loss is divided over the accumulated
-        batches, and the run's gradient clipping applies.
-        """
-        opt.zero_grad(set_to_none=True)
-        for i, batch in enumerate(micro):
-            out = trainer.strategy.training_step(batch, i)
-            loss = out["loss"] if isinstance(out, dict) else out
-            if loss is not None:
-                (loss / len(micro)).backward()
-        pl_module.configure_gradient_clipping(
-            opt, gradient_clip_val=trainer.gradient_clip_val, gradient_clip_algorithm=trainer.gradient_clip_algorithm
-        )
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
     def _prior(self, device, trend: int | None = None) -> GradientField:
         config = self.prior_config if trend is None else dataclasses.replace(self.prior_config, trend=trend)
@@ -1364,7 +1258,7 @@ class GFMCallback(pl.Callback):
             spec, names = self._spec, self._dyn.state_names
             if snaps and snaps[-1]["weights"].numel() == spec.numel and set(snaps[-1].get("state", {})) == set(names):
                 self.buffer.load_state_dict(restored)
-        self.jumps = [JumpRecord(**j) for j in state_dict.get("jumps", [])]
+        self.jumps = [JumpRecord.from_dict(j) for j in state_dict.get("jumps", [])]
         self._last_step = state_dict.get("last_step", -1)
         self._epoch_start_step = state_dict.get("epoch_start_step", 0)
         self.record_seconds = state_dict.get("record_seconds", 0.0)

@@ -1,10 +1,10 @@
-"""Choose a point of the forecast path, accept it or roll back exactly, and settle the optimizer state."""
+"""Choose a point of the forecast path, accept it or roll back exactly, and set the optimizer state after it."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -74,11 +74,6 @@ class JumpRecord:
         backtest_prior: the same for the prior (constant-gradient) field; the better of the two forecasts.
         trend: when the forecast joined several trend lines (``GFMCallback(branch_trends=...)``), the length of
             the one the chosen point came from (0 when nothing was applied, or for a single forecast).
-        settle_steps: private optimizer steps taken to settle the reference and candidates (0: judged where it
-            landed); ``settle_kept`` of them are the kept branch's, progress the run keeps.
-        settle_kept: see ``settle_steps``.
-        settled: ``(horizon, metric half-way, metric settled)`` of each settled candidate (NaN: stopped early).
-        settle_reference: the settled no-jump reference's metric (NaN when nothing was settled).
         source: which forecaster the applied point came from: ``"meta"`` (the meta-trained field) or ``"prior"``
             (the optimizer-aware prior, or a fitted field); empty when nothing was applied.
     """
@@ -96,11 +91,17 @@ class JumpRecord:
     backtest_prior: float = float("nan")
     trend: int = 0
     screened: list[tuple[int, float]] = field(default_factory=list)
-    settle_steps: int = 0
-    settle_kept: int = 0
-    settled: list[tuple[int, float, float]] = field(default_factory=list)
-    settle_reference: float = float("nan")
     source: str = ""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> JumpRecord:
+        """A record from :func:`dataclasses.asdict`'s dict, as checkpoints store it.
+
+        Keys of fields this version no longer has (a checkpoint from before ``settle`` was removed holds
+        ``settle_steps``, ``settle_kept``, ``settled``, ``settle_reference``) are dropped.
+        """
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass

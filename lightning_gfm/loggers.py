@@ -85,7 +85,6 @@ def jump_scalars(record: JumpRecord, jumps: Sequence[JumpRecord], buffer_mb: flo
         "gfm/jumps_rolled_back": float(len(jumps) - accepted),
         "gfm/buffer_mb": buffer_mb,
         "gfm/record_seconds": record_seconds,
-        "gfm/settle_steps": float(record.settle_steps),
     }
 
 

@@ -11,8 +11,6 @@ their peak (a jump attempt):
   per-scalar scales and indices (``4 P`` float32-sized values); otherwise float32 copies of the weights, the
   states and the velocities, ``(K (1 + S) + K - 1) P`` values, one ``(K, P)`` stack in flight, and indices;
 * the forecast path, ``(H + 1) (1 + S) P`` float32 values, and the copy of the weights a rollback restores;
-* when candidates are settled (:mod:`~lightning_gfm.settle`), two copies of the weights and optimizer state
-  (the reference's start and its settled state), ``2 (1 + S) P`` values;
 * the forecast's working set per chunk of ``C`` scalars (hidden activations, solver stages);
 * the dynamics' per-scalar tables (the param-group index, a hyperparameter that differs between groups);
 * a fixed :data:`OVERHEAD` for the modules a forecast imports and GFM's Python objects.
@@ -95,14 +93,12 @@ class MemoryPlan:
         )
 
 
-def forecast_bytes(
-    n_params: int, n_states: int, chunk_size: int, *, n_horizons: int = 4, hidden: int = 16, settle: bool = False
-) -> int:
+def forecast_bytes(n_params: int, n_states: int, chunk_size: int, *, n_horizons: int = 4, hidden: int = 16) -> int:
     """The part of :func:`estimate_bytes` that lives on the model's device: path, rollback copy, chunk work."""
     rows = 1 + n_states
     path = (n_horizons + 1) * rows * n_params * 4
     work = (3 * hidden + 12 * rows) * min(chunk_size, n_params) * 4
-    return path + n_params * 4 + work + (2 * rows * n_params * 4 if settle else 0)
+    return path + n_params * 4 + work
 
 
 def estimate_bytes(
@@ -115,7 +111,6 @@ def estimate_bytes(
     n_horizons: int = 4,
     hidden: int = 16,
     lean: bool = False,
-    settle: bool = False,
 ) -> int:
     """GFM's peak memory in bytes (buffer, window, forecast path, rollback copy, one chunk's working set).
 
@@ -128,7 +123,6 @@ def estimate_bytes(
         n_horizons: forecast points ``H`` (the callback's ``n_candidates``, times its paths).
         hidden: width of the field's hidden layers.
         lean: the prior's layout (see the module): one state row, the window read in place.
-        settle: candidates are settled: two copies of the weights and optimizer state.
     """
     item = torch.empty(0, dtype=dtype).element_size()
     rows = 1 + n_states
@@ -143,8 +137,7 @@ def estimate_bytes(
     path = (n_horizons + 1) * rows * p * 4
     rollback = p * 4  # the weights choose_and_apply restores
     work = (3 * hidden + 12 * rows) * min(chunk_size, p) * 4
-    settled = 2 * rows * p * 4 if settle else 0  # the reference's start and settled state (lightning_gfm.settle)
-    return OVERHEAD + dynamics + buffer + win + path + rollback + work + settled
+    return OVERHEAD + dynamics + buffer + win + path + rollback + work
 
 
 def plan_memory(
@@ -159,7 +152,6 @@ def plan_memory(
     n_horizons: int = 4,
     hidden: int = 16,
     lean: bool = False,
-    settle: bool = False,
     source: str = "memory_budget",
 ) -> MemoryPlan:
     """The largest configuration that fits ``budget_bytes``.
@@ -179,7 +171,6 @@ def plan_memory(
         n_horizons: forecast horizons (the callback's ``n_candidates``).
         hidden: width of the field's hidden layers.
         lean: plan the prior's lean layout (see :func:`estimate_bytes`).
-        settle: count the copies settling candidates keeps (see :func:`estimate_bytes`).
         source: where ``budget_bytes`` came from, kept in the plan.
 
     Returns:
@@ -206,9 +197,7 @@ def plan_memory(
         raise ValueError(f"`chunk_size` must be an int >= min_chunk = {min_chunk}, got {chunk_size!r}.")
 
     def cost(k: int, dtype: torch.dtype, chunk: int) -> int:
-        return estimate_bytes(
-            n_params, n_states, k, dtype, chunk, n_horizons=n_horizons, hidden=hidden, lean=lean, settle=settle
-        )
+        return estimate_bytes(n_params, n_states, k, dtype, chunk, n_horizons=n_horizons, hidden=hidden, lean=lean)
 
     floor = cost(min_window, torch.bfloat16, min_chunk)
     if floor > budget_bytes:

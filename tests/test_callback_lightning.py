@@ -205,7 +205,7 @@ def _state_equal(a, b):
 
 def test_rollback_is_bit_exact_and_keeps_identity(tmp_path):
     # min_delta=10 asks a jump to cut the loss by 1000 %: every attempt must be rolled back
-    cb = _RollbackSpy(overhead=None, settle=0, **{**FAST, "min_delta": 10.0})  # judged where it lands
+    cb = _RollbackSpy(overhead=None, **{**FAST, "min_delta": 10.0})  # judged where it lands
     _fit(tmp_path, [cb], max_steps=60)
     assert [j.outcome for j in cb.jumps] == ["rolled_back", "rolled_back"]
     assert all(len(j.candidates) > 0 for j in cb.jumps)  # candidates were really written and evaluated

@@ -82,7 +82,9 @@ def test_documented_yaml_sets_every_argument_in_a_plain_lightning_cli(tmp_path):
 
     (listed,) = yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"]
     init_args = listed["init_args"]
-    params = inspect.signature(GFMCallback).parameters
+    params = {  # the catch-all for removed arguments (it raises, naming why) is not an argument
+        n: p for n, p in inspect.signature(GFMCallback).parameters.items() if p.kind is not p.VAR_KEYWORD
+    }
     assert set(init_args) == set(params)
     changed = {n for n, p in params.items() if init_args[n] != p.default and str(p.default) != init_args[n]}
     assert changed == {"record_every", "jump_every", "eval_batches"}

@@ -72,13 +72,3 @@ def test_bad_arguments(kwargs, match):
     args = dict(n_params=P, n_states=S, window=8, budget_bytes=1 << 30) | kwargs
     with pytest.raises(ValueError, match=match):
         plan_memory(**args)
-
-
-def test_settling_counts_its_two_copies_of_the_weights_and_optimizer_state():
-    for n_states in (0, 1, 2):
-        extra = estimate_bytes(1000, n_states, 8, torch.float32, 1 << 20, settle=True) - estimate_bytes(
-            1000, n_states, 8, torch.float32, 1 << 20
-        )
-        assert extra == 2 * (1 + n_states) * 1000 * 4
-    plain, settled = plan_memory(10**6, 2, 24, 2**30), plan_memory(10**6, 2, 24, 2**30, settle=True)
-    assert settled.estimated_bytes <= 2**30 and settled.chunk_size < plain.chunk_size  # the copies made room scarcer

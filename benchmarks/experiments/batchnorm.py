@@ -81,7 +81,7 @@ def scores(module: DigitsCNNBN, refresh: int) -> dict[str, float]:
 
 class _Probe(TimedGFM):
     def __init__(self, at: list[int], refresh: int, **kwargs):
-        super().__init__(settle=0, overhead=None, **kwargs)
+        super().__init__(overhead=None, **kwargs)
         self.at, self.refresh, self.rows = set(at), refresh, []
 
     def should_jump(self, step: int) -> bool:

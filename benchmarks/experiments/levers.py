@@ -9,9 +9,8 @@ arguments (``lin8@linear={"n_fit": 8}``), or one of the benchmark's own methods 
     python -m benchmarks.experiments.levers --tasks mnist1d-mlp digits-cnn --seeds 0 1 2 \\
         --variants gfm linear 'trend={"anchor": "trend"}'
 
-Prints one line per (task, seed, variant): steps to target (None = never), steps saved, optimizer steps saved (the
-private settling steps up to the crossing added, kept or discarded), seconds saved, final test loss, jumps accepted /
-tried and seconds per attempt; then per variant the medians of the three over everything run.
+Prints one line per (task, seed, variant): steps to target (None = never), steps saved, seconds saved, final test
+loss, jumps accepted / tried and seconds per attempt; then per variant the medians of steps and seconds saved.
 Appends every line as JSON to ``--log`` (default ``benchmarks/results/experiments/levers.jsonl``).
 """
 
@@ -75,7 +74,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     variants = [_variant(v) for v in args.variants]
     saved: dict[str, list[float]] = {name: [] for name, _, _ in variants}
-    opt_saved: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     wall_saved: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     originals = {cls: cls.__init__ for cls in set(_CLASSES.values())}
     args.log.parent.mkdir(parents=True, exist_ok=True)
@@ -98,8 +96,6 @@ def main(argv: list[str] | None = None) -> None:
                     run, _ = run_one(task, method, seed, False, reference=ref)
                     step, sec = first_crossing(run["curve"], target)
                     jumps = run["jumps"]
-                    # private settling steps up to the crossing, kept or discarded, count as optimizer steps
-                    private = sum(j.get("settle_steps", 0) for j in jumps if step is not None and j["step"] <= step)
                     row = {
                         "tag": args.tag,
                         "task": task,
@@ -109,8 +105,6 @@ def main(argv: list[str] | None = None) -> None:
                         "steps": step,
                         "baseline_steps": b_step,
                         "steps_saved": 0.0 if step is None else 1 - step / b_step,
-                        "opt_steps_saved": 0.0 if step is None else 1 - (step + private) / b_step,
-                        "settle_steps": sum(j.get("settle_steps", 0) for j in jumps),
                         "seconds_saved": 0.0 if sec is None else 1 - sec / b_sec,
                         "final": run["final_metric"],
                         "baseline_final": base["final"],
@@ -123,13 +117,11 @@ def main(argv: list[str] | None = None) -> None:
                         "curve": {"step": run["curve"]["step"], "loss": run["curve"]["loss"]},
                     }
                     saved[name].append(row["steps_saved"])
-                    opt_saved[name].append(row["opt_steps_saved"])
                     wall_saved[name].append(row["seconds_saved"])
                     with args.log.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
                     print(
                         f"{task:15s} s{seed} {name:14s} steps {step} / {b_step} saved {row['steps_saved']:+.1%} "
-                        f"opt {row['opt_steps_saved']:+.1%} (settle {row['settle_steps']}) "
                         f"secs {row['seconds_saved']:+.1%} final {row['final']:.4f} (base {base['final']:.4f}) "
                         f"acc {row['accepted']}/{row['tried']} h {row['horizons']} "
                         f"att {row['attempt_seconds']:.2f}s",
@@ -140,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             cls.__init__ = init
     for name, values in saved.items():
         print(
-            f"{name:14s} median steps saved {statistics.median(values):+.1%}, optimizer steps "
-            f"{statistics.median(opt_saved[name]):+.1%}, seconds {statistics.median(wall_saved[name]):+.1%} "
+            f"{name:14s} median steps saved {statistics.median(values):+.1%}, "
+            f"seconds {statistics.median(wall_saved[name]):+.1%} "
             f"over {len(values)} runs"
         )
 

@@ -53,7 +53,7 @@ def relaxation_rates(w: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 
 class _Probe(TimedGFM):
     def __init__(self, at: int, oracle: OracleJumps, n: int, **kwargs):
-        super().__init__(settle=0, overhead=None, **kwargs)
+        super().__init__(overhead=None, **kwargs)
         self.at, self.oracle, self.n, self.rows = at, oracle, n, []
 
     def should_jump(self, step: int) -> bool:

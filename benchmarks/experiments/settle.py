@@ -9,27 +9,111 @@ validation loss (GFM's own evaluation batches, lower is better) is printed where
 
 One row per branch: ``no jump`` (now -> +10 -> +30 -> +60), ``gfm +h`` and ``oracle +h`` (landed -> ...). A
 candidate whose landed loss is above the reference's but whose settled loss is below it is the case settled
-acceptance (``GFMCallback(settle=...)``, :mod:`lightning_gfm.settle`) exists for. Dev tasks only by default: the
-held-out tasks are measured, never probed to choose a default (``benchmarks/heldout.py``).
+acceptance was built for (issue 14; it measured no better and was removed, docs/experiments.md E48). Dev tasks
+only by default: the held-out tasks are measured, never probed to choose a default (``benchmarks/heldout.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor, nn
 
 from benchmarks.methods import OracleJumps, TimedGFM
 from benchmarks.run import _quiet, run_one
 from benchmarks.suite import TASKS, TUNABLE
 from lightning_gfm.callback import META_LABEL
 from lightning_gfm.jump import apply_state_policy
-from lightning_gfm.settle import TrainingState
 
 LOG = Path("benchmarks/results/experiments/settle.jsonl")
+
+
+# The package judges candidates where they land (``settle`` was removed, docs/experiments.md E48); the probe keeps
+# its own copy of the private training it measures with: a copy of the training state, training batches from a
+# private pass over the data, and one optimizer step as the loop takes it, without its counters.
+@dataclass
+class TrainingState:
+    """A copy of everything a private optimizer step changes: tracked weights, optimizer state, module buffers.
+
+    Memory: one copy of the tracked weights and of the optimizer's state tensors (``(1 + n_state) * P`` scalars),
+    plus the module's buffers (BatchNorm statistics).
+    """
+
+    params: list[Tensor]
+    optimizer: list[dict[str, Any]]
+    buffers: list[Tensor]
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, module: nn.Module, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> TrainingState:
+        """Copy ``params`` (the tracked tensors, local shards when sharded), their optimizer state, the buffers."""
+        state = [
+            {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in optimizer.state.get(p, {}).items()}
+            for p in params
+        ]
+        return cls(
+            params=[p.detach().clone() for p in params],
+            optimizer=state,
+            buffers=[b.detach().clone() for b in module.buffers()],
+        )
+
+    @torch.no_grad()
+    def restore(self, module: nn.Module, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> None:
+        """Write the copy back in place (the tensors' identities never change)."""
+        for p, saved, state in zip(params, self.params, self.optimizer, strict=True):
+            p.detach().copy_(saved)
+            if not state:
+                optimizer.state.pop(p, None)
+                continue
+            live = optimizer.state[p]
+            for k in [k for k in live if k not in state]:
+                del live[k]
+            for k, v in state.items():
+                current = live.get(k)
+                if isinstance(v, Tensor) and isinstance(current, Tensor) and current.shape == v.shape:
+                    current.copy_(v)
+                else:
+                    live[k] = v.clone() if isinstance(v, Tensor) else v
+        for b, saved in zip(module.buffers(), self.buffers, strict=True):
+            b.copy_(saved)
+
+
+def settle_batches(trainer: pl.Trainer, steps: int) -> list[list[Any]]:
+    """Training batches for ``steps`` optimizer steps (``accumulate_grad_batches`` each), from a fresh pass."""
+    loader, out = trainer.train_dataloader, []
+    it = iter(loader)
+    for _ in range(steps):
+        micro = []
+        for _ in range(trainer.accumulate_grad_batches):
+            batch = next(it, None)
+            if batch is None:
+                it = iter(loader)
+                batch = next(it)
+            micro.append(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))
+        out.append(micro)
+    return out
+
+
+def private_step(trainer: pl.Trainer, pl_module: pl.LightningModule, opt: torch.optim.Optimizer, micro) -> None:
+    """One optimizer step on ``micro`` (its batches accumulated), the run's gradient clipping applied."""
+    opt.zero_grad(set_to_none=True)
+    for i, batch in enumerate(micro):
+        out = trainer.strategy.training_step(batch, i)
+        loss = out["loss"] if isinstance(out, dict) else out
+        if loss is not None:
+            (loss / len(micro)).backward()
+    pl_module.configure_gradient_clipping(
+        opt, gradient_clip_val=trainer.gradient_clip_val, gradient_clip_algorithm=trainer.gradient_clip_algorithm
+    )
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 class _Probe(TimedGFM):
@@ -38,7 +122,7 @@ class _Probe(TimedGFM):
     def __init__(
         self, at: int, counts: list[int], oracle: OracleJumps | None, horizons: list[int] | None = None, **kwargs
     ):
-        super().__init__(settle=0, overhead=None, **kwargs)
+        super().__init__(overhead=None, **kwargs)
         self.at, self.counts, self.oracle, self.rows = at, sorted(counts), oracle, []
         self.probe_horizons = sorted(horizons) if horizons else None
 
@@ -64,7 +148,7 @@ class _Probe(TimedGFM):
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed + step)
-            batches = self._settle_batches(trainer, self.counts[-1])
+            batches = settle_batches(trainer, self.counts[-1])
         start_state = TrainingState.capture(pl_module, opt, spec.tensors)
         for name, h, how in branches:
             start_state.restore(pl_module, opt, spec.tensors)
@@ -87,7 +171,7 @@ class _Probe(TimedGFM):
                 done = 0
                 for n in self.counts:
                     for i in range(done, n):
-                        self._private_step(trainer, pl_module, opt, batches[i])
+                        private_step(trainer, pl_module, opt, batches[i])
                     done = n
                     losses.append(self._evaluate(trainer, pl_module))
             self.rows.append({"branch": name, "horizon": h, "losses": losses, **move})
