@@ -21,6 +21,8 @@ from benchmarks.suite import TASKS, tasks_in
 DEFAULT_RESULTS = "benchmarks/results/acceleration.json"
 DEFAULT_DOC = "docs/benchmark.md"
 DEFAULT_HELDOUT = "benchmarks/results/heldout.json"
+#: the long dev runs (``python -m benchmarks.run --split long ...``), shown beside dev and held-out when present
+DEFAULT_LONG = "benchmarks/results/long.json"
 HELDOUT_COMMAND = (
     "python -m benchmarks.run --split heldout --seeds 0 1 --methods baseline linear ema gfm oracle fastforward "
     "lookahead --out benchmarks/results/heldout.json --report"
@@ -365,7 +367,7 @@ def rows_from_runs(runs: list[dict], split: str = "dev") -> list[dict]:
     return [summary_row(r, base[r["task"], r["seed"]], split) for r in runs if (r["task"], r["seed"]) in base]
 
 
-def render_heldout(result: dict | None, report_command: str, dev: dict | None = None) -> str:
+def render_heldout(result: dict | None, report_command: str, dev: dict | None = None, long: dict | None = None) -> str:
     """The held-out section (markdown, markers included) from the split benchmark's ``rows``.
 
     ``dev``: an acceleration-benchmark result whose runs stand in for the dev split when ``result`` has no dev
@@ -399,8 +401,15 @@ def render_heldout(result: dict | None, report_command: str, dev: dict | None = 
             "it did not run show n/a).",
             "",
         ]
+    if long is not None and not any(r["split"] == "long" for r in rows):
+        rows += [r for r in long["rows"] if r["split"] == "long"]
+        dev_note += [
+            f"Long dev rows (`benchmarks/long.py`: dev runs of thousands of steps): from `{long['command']}` (seeds "
+            f"{sorted({r['seed'] for r in long['rows']})}).",
+            "",
+        ]
     methods = [m for m in HELDOUT_METHODS if any(r["method"] == m for r in rows)]
-    splits = [s for s in ("heldout", "dev") if any(r["split"] == s for r in rows)]
+    splits = [s for s in ("heldout", "dev", "long") if any(r["split"] == s for r in rows)]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     split_of = {r["task"]: r["split"] for r in rows}
 
@@ -488,17 +497,20 @@ def render_heldout(result: dict | None, report_command: str, dev: dict | None = 
     return "\n".join(lines)
 
 
-def write_heldout_section(results=DEFAULT_HELDOUT, doc=DEFAULT_DOC, dev_results=DEFAULT_RESULTS) -> Path:
+def write_heldout_section(
+    results=DEFAULT_HELDOUT, doc=DEFAULT_DOC, dev_results=DEFAULT_RESULTS, long_results=DEFAULT_LONG
+) -> Path:
     """Write (or replace) the held-out section of ``doc`` from ``results`` (``None``: the rule, not yet run).
 
     Without dev rows in ``results``, the dev column comes from ``dev_results`` (the acceleration benchmark)
-    when that file exists.
+    when that file exists; the long dev runs' columns from ``long_results`` likewise.
     """
     doc = Path(doc)
     result = None if results is None else json.loads(Path(results).read_text())
     dev = json.loads(Path(dev_results).read_text()) if dev_results and Path(dev_results).exists() else None
+    long = json.loads(Path(long_results).read_text()) if long_results and Path(long_results).exists() else None
     command = f"python -m benchmarks.report --heldout {results} --doc {doc}"
-    block = render_heldout(result, command, dev)
+    block = render_heldout(result, command, dev, long)
     text = doc.read_text() if doc.exists() else ""
     old = _heldout_block(text)
     appended = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"

@@ -58,6 +58,13 @@ def test_quick_long_split_runs_end_to_end(tmp_path):
     assert result["command"].startswith("python -m benchmarks.run --quick --split long")
     assert {r["task"] for r in result["rows"]} == set(tasks_in("long", quick=True))
     assert all(r["split"] == "long" for r in result["rows"])
+    doc = tmp_path / "benchmark.md"
+    write_heldout_section(None, doc, dev_results=None, long_results=out)  # no held-out run: the rule only
+    assert "long" not in doc.read_text().split("Not run yet")[-1]  # long rows join a held-out table, never alone
+    write_heldout_section(out, doc, dev_results=None, long_results=out)  # rows already there are not doubled
+    text = doc.read_text()
+    assert "| long steps saved |" in text
+    assert text.count("| long-digits-sgd | long |") == 2  # once in each per-task table, not doubled
 
 
 def test_quick_heldout_benchmark_and_report(tmp_path):
