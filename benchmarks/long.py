@@ -33,7 +33,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmarks.tasks import BenchModule, Budget, JumpSchedule, MLPModule, Task, charlm_splits, digits_splits
+from benchmarks.tasks import (
+    BenchModule,
+    Budget,
+    JumpSchedule,
+    MLPModule,
+    Task,
+    _quick,  # the dev split's smoke budgets
+    charlm_splits,
+    digits_splits,
+)
 
 
 class CharGRU(nn.Module):
@@ -79,10 +88,6 @@ def _digits_sgd(seed: int, max_steps: int) -> BenchModule:
     return CosineSGDMLP(
         digits_splits(seed), (64, 256, 256, 10), opt="sgd", lr=5e-4, batch_size=32, seed=seed, max_steps=max_steps
     )
-
-
-def _quick(max_steps: int = 240) -> Budget:
-    return Budget(max_steps, 20, JumpSchedule(budget=False))
 
 
 TASKS: dict[str, Task] = {
