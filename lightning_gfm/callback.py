@@ -995,9 +995,8 @@ class GFMCallback(pl.Callback):
         self._sync_weights(trainer)
         index = decision.index
         accepted = decision.outcome is JumpOutcome.ACCEPTED
-        if decision.outcome is JumpOutcome.ACCEPTED:
-            apply_state_policy(opt, spec, self.optimizer_state, path, index)
         if accepted:
+            apply_state_policy(opt, spec, self.optimizer_state, path, index)
             self.budget.earn(path.horizons[index])
         evaluated = [
             (h, m)
@@ -1014,7 +1013,7 @@ class GFMCallback(pl.Callback):
             accepted=accepted,
             metric_before=decision.metric_before,
             metric_after=decision.metric_after,
-            outcome=JumpOutcome.ACCEPTED.value if accepted else decision.outcome.value,
+            outcome=decision.outcome.value,
             seconds=time.perf_counter() - start,
             candidates=evaluated,
             screened=[(h, m) for h, m in zip(path.horizons[1:], decision.screened, strict=False)],
