@@ -38,19 +38,8 @@ from lightning_gfm.flow.window import Window
 from lightning_gfm.forecast import ForecastPath
 from lightning_gfm.params import ParamSpec
 
-METHODS = (
-    "baseline",
-    "linear",
-    "ema",
-    "gfm",
-    "gfm-meta",
-    "gfm-meta-near",
-    "gfm-pretrained",
-    "oracle",
-    "fastforward",
-    "lookahead",
-)
-JUMP_METHODS = ("linear", "gfm", "gfm-meta", "gfm-meta-near", "gfm-pretrained", "oracle")
+METHODS = ("baseline", "linear", "ema", "gfm", "gfm-meta", "gfm-pretrained", "oracle", "fastforward", "lookahead")
+JUMP_METHODS = ("linear", "gfm", "gfm-meta", "gfm-pretrained", "oracle")
 PRETRAINED_FIT_STEPS = 0  # online fine-tuning of the shipped field: measured in docs/pretrained.md
 
 
@@ -65,26 +54,6 @@ class TimedGFM(GFMCallback):
         path, info = super().forecast_path(trainer, pl_module, win, horizons)
         self.forecasts.append((win.P, path.seconds))
         return path, info
-
-
-class NearMetaGFM(TimedGFM):
-    """E49's experiment: the meta-trained field reaches at most as far ahead as the run has come.
-
-    The callback's rule gives the meta field's candidates the planned end of the run and its halves; here they are
-    ``min(end, step)`` and its halves (its forecasting error at a horizon equal to the observed run, p = 0.5 in
-    docs/forecasting.md, is about half the distance; at three times it, p = 0.25, it is 0.74-0.92).
-    """
-
-    def _shared_horizons(self, trainer, step, horizons):
-        n_meta = max(1, len(horizons) // 2)
-        prior = horizons[-max(1, len(horizons) - n_meta) :]
-        total = self._total_steps(trainer)
-        if self.horizon is not None or total is None:
-            return prior, horizons[-n_meta:]
-        far = min(total - step, step)
-        if far <= horizons[-1]:
-            return prior, horizons[-n_meta:]
-        return prior, sorted({round(far / 2**i) for i in range(len(horizons))} - {0})[-n_meta:]
 
 
 class LinearJumps(GFMCallback):
@@ -180,8 +149,6 @@ def make_callbacks(
         return [TimedGFM(**shared)]
     if method == "gfm-meta":
         return [TimedGFM(field="pretrained:meta", **shared)]
-    if method == "gfm-meta-near":
-        return [NearMetaGFM(field="pretrained:meta", **shared)]
     if method == "gfm-pretrained":
         return [TimedGFM(field="pretrained", fit_steps=PRETRAINED_FIT_STEPS, **shared)]
     if method == "oracle":

@@ -10,8 +10,7 @@ and test loss, and the jumps ``(step, horizon)``.
 Variants: ``default`` (the callback as it is); ``no-branch`` (``branch_trends=()``); ``e37-reach`` (the prior
 reaches its span from its first attempt, as in E32-E37); ``old-first`` (the first attempt waits for backtest
 snapshots even for the prior, as before E29); ``old-first-span`` (both: the old first attempt, the span reach);
-``meta`` (the meta-trained field's points beside the prior's, ``field="pretrained:meta"``, E43); ``meta-near``
-(the same, its reach at most the steps run so far, E49).
+``meta`` (the meta-trained field's points beside the prior's, ``field="pretrained:meta"``, E43).
 ``--branch-trends`` and ``--span`` set those callback arguments for every variant (E37's defaults had
 ``branch_trends=(3,)``; before this session ``span`` was 12).
 """
@@ -26,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.methods import NearMetaGFM
 from lightning_gfm import GFMCallback
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -64,7 +62,6 @@ VARIANTS = {
     "old-first": (_OldFirst, {}),
     "old-first-span": (_OldFirstSpanReach, {}),
     "meta": (GFMCallback, {"field": "pretrained:meta"}),
-    "meta-near": (NearMetaGFM, {"field": "pretrained:meta"}),
 }
 
 
