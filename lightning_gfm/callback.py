@@ -879,7 +879,8 @@ class GFMCallback(pl.Callback):
             prior_rows = {h: k for k, h in enumerate(local[0].horizons)}
             rows = [0, *(prior_rows.get(h, 0) for h in meta_horizons)]
             state = {n: v[rows] for n, v in local[0].state.items()}
-            local.append(ForecastPath([0, *meta_horizons], weights, state, seconds))
+            ahead = [local[0].horizons[r] for r in rows]  # the step counter goes with the state taken
+            local.append(ForecastPath([0, *meta_horizons], weights, state, seconds, state_steps=ahead))
             labels.append(META_LABEL)
         # every path starts from the current weights (only the forecast's move counts, docs/experiments.md E34)
         paths = [shard.gather(path).start_at_(win.w[-1]) for path in local]
@@ -996,7 +997,7 @@ class GFMCallback(pl.Callback):
         index = decision.index
         accepted = decision.outcome is JumpOutcome.ACCEPTED
         if accepted:
-            apply_state_policy(opt, spec, self.optimizer_state, path, index)
+            apply_state_policy(opt, spec, self.optimizer_state, path, index, dyn)
             self.budget.earn(path.horizons[index])
         evaluated = [
             (h, m)

@@ -162,7 +162,8 @@ def gather_path(path: ForecastPath, n: int, group: Any = None) -> ForecastPath:
     dist.all_gather(blocks, block.contiguous(), group=group)
     parts = [b[..., : rank_slice(n, r, world)[1] - rank_slice(n, r, world)[0]] for r, b in enumerate(blocks)]
     full = torch.cat(parts, dim=-1)
-    return ForecastPath(list(path.horizons), full[0], dict(zip(names, full[1:], strict=True)), path.seconds)
+    state = dict(zip(names, full[1:], strict=True))
+    return ForecastPath(list(path.horizons), full[0], state, path.seconds, list(path.branches), list(path.state_steps))
 
 
 @dataclass

@@ -238,6 +238,25 @@ class Dynamics(ABC):
         """Largest stable integration step, in optimizer steps (the fastest state relaxes at ``1/max_step``)."""
         return 8.0
 
+    def advance_counters(self, optimizer: torch.optim.Optimizer, spec: ParamSpec, steps: int) -> None:
+        """Move the optimizer's step counter of every tracked parameter ``steps`` ahead.
+
+        Called after a jump wrote the state the forecast carried ``steps`` ahead, so that the state is that of one
+        step count: the update after the jump applies the bias corrections (Adam's, NAdam's momentum schedule,
+        RAdam's rectification, Adagrad's lr decay) the forecast itself applied there, not the anchor's.
+        """
+        if steps <= 0:
+            return
+        for p in spec.params:
+            state = optimizer.state.get(p)
+            if not state or "step" not in state:
+                continue
+            step = state["step"]
+            if isinstance(step, Tensor):
+                local(step).add_(steps)
+            else:
+                state["step"] = step + steps
+
     @abstractmethod
     def velocity(
         self, w: Tensor, state: dict[str, Tensor], g: Tensor, lr: Tensor, k: Tensor | float, noise: Tensor | None = None
@@ -607,6 +626,27 @@ class NAdamDynamics(_MomentsDynamics):
 
     def _mu(self, t: Tensor, like: Tensor) -> Tensor:
         return self._hs("beta1", like) * (1.0 - 0.5 * 0.96 ** (t * self._hs("momentum_decay", like)))
+
+    def advance_counters(self, optimizer, spec, steps):
+        """The step counter and, with it, the running product ``mu_product`` of the steps it now counts."""
+        super().advance_counters(optimizer, spec, steps)
+        if steps <= 0:
+            return
+        tracked = {id(p) for p in spec.params}
+        for group in optimizer.param_groups:
+            b1, psi = float(group["betas"][0]), float(group["momentum_decay"])
+            for p in group["params"]:
+                state = optimizer.state.get(p) if id(p) in tracked else None
+                if not state or "mu_product" not in state:
+                    continue
+                step = state["step"]
+                t = torch.tensor(float(local(step).item() if isinstance(step, Tensor) else step), dtype=torch.float64)
+                product = torch.exp(_nadam_log_product(b1, psi, t))
+                mu = state["mu_product"]
+                if isinstance(mu, Tensor):
+                    local(mu).fill_(float(product))
+                else:
+                    state["mu_product"] = float(product)
 
     def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """Weights of the gradient and of the new first moment in the step taken at step count ``t``."""

@@ -251,6 +251,9 @@ class ForecastPath:
         seconds: wall-clock spent integrating.
         branches: when several forecasts were joined (:meth:`join`), the label of each point's own (e.g. its
             trend length; point 0, the shared start, carries the first's); empty for a single forecast.
+        state_steps: optimizer steps each point's ``state`` is ahead of the anchor (a jump to the point advances
+            the optimizer's step counter by as much, :meth:`state_ahead`); empty means ``horizons``, where the
+            forecast carried the state.
     """
 
     horizons: list[int]
@@ -258,6 +261,13 @@ class ForecastPath:
     state: dict[str, Tensor]
     seconds: float
     branches: list[int] = dataclasses.field(default_factory=list)
+    state_steps: list[int] = dataclasses.field(default_factory=list)
+
+    def state_ahead(self, k: int) -> int:
+        """Optimizer steps point ``k``'s state is ahead of the anchor: 0 where the path carries no state."""
+        if not self.state:
+            return 0
+        return self.state_steps[k] if self.state_steps else self.horizons[k]
 
     def finite(self) -> Tensor:
         """Whether each point (weights and state) is finite, shape ``(H + 1,)``."""
@@ -300,6 +310,7 @@ class ForecastPath:
             {n: torch.cat([p.state[n][min(k, 1) :] for k, p in enumerate(paths)]) for n in first.state},
             sum(p.seconds for p in paths),
             [label for k, (p, label) in enumerate(zip(paths, labels, strict=True)) for _ in p.horizons[min(k, 1) :]],
+            [p.state_ahead(i) for k, p in enumerate(paths) for i in range(min(k, 1), len(p.horizons))],
         )
 
     def branch(self, k: int | None) -> ForecastPath:
@@ -317,6 +328,7 @@ class ForecastPath:
             {n: v[keep] for n, v in self.state.items()},
             self.seconds,
             [label] * len(keep),
+            [self.state_ahead(i) for i in keep],
         )
 
 

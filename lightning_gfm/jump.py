@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gfm.dynamics import write_state
+from lightning_gfm.dynamics import Dynamics, write_state
 from lightning_gfm.forecast import ForecastPath
 from lightning_gfm.params import ParamSpec
 
@@ -284,9 +284,20 @@ def _restore(spec: ParamSpec, saved: list[Tensor]) -> None:
 
 
 def apply_state_policy(
-    optimizer: torch.optim.Optimizer, spec: ParamSpec, policy: StatePolicy, path: ForecastPath, index: int
+    optimizer: torch.optim.Optimizer,
+    spec: ParamSpec,
+    policy: StatePolicy,
+    path: ForecastPath,
+    index: int,
+    dynamics: Dynamics | None = None,
 ) -> None:
-    """Settle the optimizer state after moving to ``path`` point ``index`` (see :class:`StatePolicy`)."""
+    """Settle the optimizer state after moving to ``path`` point ``index`` (see :class:`StatePolicy`).
+
+    Under ``forecast`` the written state is the one the ODE carried ``path.state_ahead(index)`` steps ahead, and
+    ``dynamics`` (the optimizer's family) advances the optimizer's step counter by as much where its update reads
+    it (Adam's bias corrections, NAdam's momentum schedule): a forecast second moment divided by the bias
+    correction of the anchor's step would shrink every later step (docs/experiments.md, E50).
+    """
     if policy is StatePolicy.KEEP:
         return
     if policy is StatePolicy.RESET:
@@ -299,3 +310,5 @@ def apply_state_policy(
     if "square_avg" in state:
         state["square_avg"] = state["square_avg"].clamp_min(0)
     write_state(optimizer, spec, state)
+    if dynamics is not None:
+        dynamics.advance_counters(optimizer, spec, path.state_ahead(index))

@@ -45,6 +45,20 @@ def test_join_then_branch_recovers_each_path():
     assert a.branch(1) is a  # a single forecast is its own branch
 
 
+def test_join_and_branch_keep_the_steps_each_points_state_is_ahead():
+    # the meta field's points take the prior's state at a horizon both forecast, else the anchor's: a jump to one
+    # advances the optimizer's step counter by that state's steps, not the point's horizon (E50)
+    prior = _path(0.0, [10, 20], slope=1.0)
+    meta = ForecastPath([0, 20, 80], prior.weights[[0, 2, 2]], {"v": prior.state["v"][[0, 2, 0]]}, 0.0, [], [0, 20, 0])
+    stateless = ForecastPath([0, 40], prior.weights[[0, 2]], {}, 0.0)
+    assert [prior.state_ahead(k) for k in range(3)] == [0, 10, 20] and stateless.state_ahead(1) == 0
+    joined = ForecastPath.join([prior, meta], [8, -1])
+    assert joined.horizons == [0, 10, 20, 20, 80]
+    assert [joined.state_ahead(k) for k in range(5)] == [0, 10, 20, 20, 0]
+    assert [joined.branch(4).state_ahead(k) for k in range(3)] == [0, 20, 0]
+    assert [joined.branch(1).state_ahead(k) for k in range(3)] == [0, 10, 20]
+
+
 def test_branches_agree_on_a_straight_line_and_part_on_a_bend():
     # SGD, constant lr: the prior continues each trend line. On a straight trajectory every line has the same
     # slope, so the 8- and 3-snapshot paths coincide; after a bend the short line follows the new slope only.

@@ -263,3 +263,61 @@ def test_held_gradient_noise_keeps_the_second_moment_where_the_run_keeps_it(name
 
     assert run(noise) == pytest.approx(1.0, abs=0.03)
     assert run(None) < 0.8  # without the noise the preconditioner drains
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_jump_to_the_runs_own_future_state_continues_as_the_run_does(name):
+    # Oracle: a path whose point is the run's own state h steps ahead. Jumping there with the `forecast` policy
+    # (the weights and the state the ODE carried, the step counter advanced where the update reads it) and taking
+    # one more step must give the run's own next step: bias corrections, NAdam's mu_product, RAdam's rectification
+    # and Adagrad's lr decay all follow the counter (docs/experiments.md, E50).
+    from lightning_gfm.forecast import ForecastPath
+    from lightning_gfm.jump import StatePolicy, apply_state_policy
+
+    s, h = 4, 9
+    run, opt_run, grad_run = _setup(name, s)
+    jumped, opt_jumped, grad_jumped = _setup(name, s)
+    spec_run, spec = ParamSpec.from_module(run, opt_run), ParamSpec.from_module(jumped, opt_jumped)
+    dyn = dynamics_for(opt_jumped, spec)
+    for _ in range(h):
+        grad_run()
+        opt_run.step()
+    names = dyn.state_names
+    here, ahead = read_state(opt_jumped, spec, names), read_state(opt_run, spec_run, names)
+    path = ForecastPath(
+        [0, h],
+        torch.stack([spec.flatten(), spec_run.flatten()]),
+        {n: torch.stack([here[n], ahead[n]]) for n in names},
+        0.0,
+    )
+    spec.write_(path.weights[1])
+    apply_state_policy(opt_jumped, spec, StatePolicy.FORECAST, path, 1, dyn)
+    assert step_count(opt_jumped, spec) == step_count(opt_run, spec_run)
+    for grad, opt in ((grad_run, opt_run), (grad_jumped, opt_jumped)):
+        grad()
+        opt.step()
+    torch.testing.assert_close(spec.flatten(), spec_run.flatten(), rtol=1e-6, atol=1e-7)
+    for p, q in zip(spec.params, spec_run.params, strict=True):
+        for key, value in opt_run.state[q].items():
+            torch.testing.assert_close(torch.as_tensor(opt_jumped.state[p][key]), torch.as_tensor(value))
+
+
+def test_a_jump_without_forecast_state_keeps_the_step_counter():
+    from lightning_gfm.forecast import ForecastPath
+    from lightning_gfm.jump import StatePolicy, apply_state_policy
+
+    model, opt, _ = _setup("adam", 4)
+    spec = ParamSpec.from_module(model, opt)
+    dyn = dynamics_for(opt, spec)
+    w = spec.flatten()
+    # linear extrapolation and the oracle carry no state: the moments and the counter both stay the anchor's
+    apply_state_policy(opt, spec, StatePolicy.FORECAST, ForecastPath([0, 7], torch.stack([w, w]), {}, 0.0), 1, dyn)
+    assert step_count(opt, spec) == 4
+    state = read_state(opt, spec, dyn.state_names)
+    path = ForecastPath([0, 7], torch.stack([w, w]), {n: torch.stack([v, v]) for n, v in state.items()}, 0.0)
+    apply_state_policy(opt, spec, StatePolicy.KEEP, path, 1, dyn)
+    assert step_count(opt, spec) == 4
+    # a point whose state is another point's (the meta field's take the prior's): the counter goes with the state
+    path.state_steps = [0, 3]
+    apply_state_policy(opt, spec, StatePolicy.FORECAST, path, 1, dyn)
+    assert step_count(opt, spec) == 7
