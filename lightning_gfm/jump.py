@@ -289,7 +289,7 @@ def apply_state_policy(
     policy: StatePolicy,
     path: ForecastPath,
     index: int,
-    dynamics: Dynamics | None = None,
+    dynamics: Dynamics,
 ) -> None:
     """Settle the optimizer state after moving to ``path`` point ``index`` (see :class:`StatePolicy`).
 
@@ -310,5 +310,4 @@ def apply_state_policy(
     if "square_avg" in state:
         state["square_avg"] = state["square_avg"].clamp_min(0)
     write_state(optimizer, spec, state)
-    if dynamics is not None:
-        dynamics.advance_counters(optimizer, spec, path.state_ahead(index))
+    dynamics.advance_counters(optimizer, spec, path.state_ahead(index))

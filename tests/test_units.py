@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lightning_gfm
+from lightning_gfm.dynamics import dynamics_for
 from lightning_gfm.fields import load_field, save_field
 from lightning_gfm.flow.field import FieldConfig, GradientField
 from lightning_gfm.forecast import ForecastPath
@@ -161,14 +162,16 @@ def test_state_policies():
     model(torch.randn(2, 3)).sum().backward()
     opt.step()
     spec = ParamSpec.from_module(model, opt)
+    dyn = dynamics_for(opt, spec)
     n = spec.numel
     path = ForecastPath([0, 5], torch.zeros(2, n), {"exp_avg": torch.ones(2, n), "exp_avg_sq": -torch.ones(2, n)}, 0)
     keep = [opt.state[p]["exp_avg"].clone() for p in spec.params]
-    apply_state_policy(opt, spec, StatePolicy.KEEP, path, 1)
+    apply_state_policy(opt, spec, StatePolicy.KEEP, path, 1, dyn)
     assert all(torch.equal(k, opt.state[p]["exp_avg"]) for k, p in zip(keep, spec.params, strict=True))
-    apply_state_policy(opt, spec, StatePolicy.FORECAST, path, 1)
+    apply_state_policy(opt, spec, StatePolicy.FORECAST, path, 1, dyn)
     assert all(opt.state[p]["exp_avg"].eq(1).all() and opt.state[p]["exp_avg_sq"].eq(0).all() for p in spec.params)
-    apply_state_policy(opt, spec, StatePolicy.RESET, path, 1)
+    assert all(int(opt.state[p]["step"]) == 1 + 5 for p in spec.params)  # the counter goes with the state
+    apply_state_policy(opt, spec, StatePolicy.RESET, path, 1, dyn)
     assert all(p not in opt.state for p in spec.params)
 
 

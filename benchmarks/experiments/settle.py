@@ -154,7 +154,7 @@ class _Probe(TimedGFM):
             start_state.restore(pl_module, opt, spec.tensors)
             if how is not None and how[0] == "gfm":
                 spec.write_(path.weights[how[1]].to(spec.device))
-                apply_state_policy(opt, spec, self.optimizer_state, path, how[1])
+                apply_state_policy(opt, spec, self.optimizer_state, path, how[1], self._dyn)
             elif how is not None:
                 spec.write_(self.oracle.at(step + h).to(spec.device))
             move = {}
