@@ -166,9 +166,9 @@ class GFMCallback(pl.Callback):
             or an evaluation predicted to exceed it is skipped, so a run GFM cannot speed up loses about this much.
             ``None``: no limit.
         optimizer_state: after an accepted jump, take the ``"forecast"`` optimizer state the ODE carried, with the
-            step counter advanced to match (the default: best test loss with Adam in
-            ``benchmarks/state_policy.py``, no difference with SGD momentum), ``"keep"`` the anchor's moments and
-            counter, or ``"reset"`` them.
+            step counter advanced to match (the default: the state the forecast itself assumed; in
+            ``benchmarks/state_policy.py`` it ties ``"keep"`` with Adam and SGD momentum), ``"keep"`` the anchor's
+            moments and counter, or ``"reset"`` them.
         field: path (``str`` or ``os.PathLike``) of a saved field (safetensors) to start from; ``"pretrained"``
             (or ``"pretrained:<name>"``) for a field shipped with the package (see ``docs/pretrained.md``);
             ``None`` starts from the prior (the constant-gradient forecast). With ``fit_steps > 0`` a loaded field

@@ -294,9 +294,10 @@ def apply_state_policy(
     """Settle the optimizer state after moving to ``path`` point ``index`` (see :class:`StatePolicy`).
 
     Under ``forecast`` the written state is the one the ODE carried ``path.state_ahead(index)`` steps ahead, and
-    ``dynamics`` (the optimizer's family) advances the optimizer's step counter by as much where its update reads
-    it (Adam's bias corrections, NAdam's momentum schedule): a forecast second moment divided by the bias
-    correction of the anchor's step would shrink every later step (docs/experiments.md, E50).
+    ``dynamics`` (the optimizer's family) advances the optimizer's step counter by as much (every family's counter,
+    so that state and counter agree; Adam's bias corrections and NAdam's momentum schedule read it): a forecast
+    second moment divided by the bias correction of the anchor's step would shrink every later step
+    (docs/experiments.md, E50).
     """
     if policy is StatePolicy.KEEP:
         return
