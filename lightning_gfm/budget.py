@@ -1,4 +1,4 @@
-"""The do-no-harm budget: what GFM may still spend on recording and attempts in this run.
+"""When GFM records and attempts (:func:`auto_schedule`), and the do-no-harm budget: what it may still spend.
 
 GFM spends on attempts no more than ``overhead`` of the run's planned training time plus the time its accepted
 jumps saved, so a run that GFM cannot speed up loses about ``overhead`` of its wall-clock, and a run that it speeds
@@ -8,6 +8,33 @@ up pays for its attempts with its own savings. Pure Python: the Lightning adapte
 from __future__ import annotations
 
 import math
+
+
+def auto_schedule(
+    total_steps: int | None, record_every: int | None = None, jump_every: int | None = None
+) -> tuple[int, int]:
+    """The recording and jumping intervals GFM uses when they are not given.
+
+    A jump is attempted every sixth of the planned training and the window records ten snapshots per jump
+    interval, so a forecast of about one interval ahead rests on a trend measured over a comparable stretch.
+
+    Args:
+        total_steps: planned optimizer steps of the run (``None`` when unknown: a jump every 200 steps).
+        record_every: a given recording interval, kept as is.
+        jump_every: a given jump interval, kept as is.
+
+    Returns:
+        ``(record_every, jump_every)``.
+
+    Example:
+        >>> auto_schedule(2000), auto_schedule(None), auto_schedule(2000, record_every=5)
+        ((33, 333), (20, 200), (5, 333))
+    """
+    if jump_every is None:
+        jump_every = 200 if total_steps is None else max(6, round(total_steps / 6))
+    if record_every is None:
+        record_every = max(1, round(jump_every / 10))
+    return record_every, jump_every
 
 
 class AttemptBudget:

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_gfm.budget import AttemptBudget
+from lightning_gfm.budget import AttemptBudget, auto_schedule
 from lightning_gfm.distributed import Shard, agree, exchange, fit_message_size, min_over_ranks
 from lightning_gfm.dynamics import (
     calls_needed,
@@ -97,33 +97,6 @@ def _field_kind(path: str) -> str:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-
-
-def auto_schedule(
-    total_steps: int | None, record_every: int | None = None, jump_every: int | None = None
-) -> tuple[int, int]:
-    """The recording and jumping intervals GFM uses when they are not given.
-
-    A jump is attempted every sixth of the planned training and the window records ten snapshots per jump
-    interval, so a forecast of about one interval ahead rests on a trend measured over a comparable stretch.
-
-    Args:
-        total_steps: planned optimizer steps of the run (``None`` when unknown: a jump every 200 steps).
-        record_every: a given recording interval, kept as is.
-        jump_every: a given jump interval, kept as is.
-
-    Returns:
-        ``(record_every, jump_every)``.
-
-    Example:
-        >>> auto_schedule(2000), auto_schedule(None), auto_schedule(2000, record_every=5)
-        ((33, 333), (20, 200), (5, 333))
-    """
-    if jump_every is None:
-        jump_every = 200 if total_steps is None else max(6, round(total_steps / 6))
-    if record_every is None:
-        record_every = max(1, round(jump_every / 10))
-    return record_every, jump_every
 
 
 class GFMCallback(pl.Callback):

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gfm import dynamics as _dynamics
+from lightning_gfm.budget import auto_schedule
 from lightning_gfm.dynamics import Dynamics, dynamics_for, take_snapshot
 from lightning_gfm.params import ParamSpec
 from lightning_gfm.trajectory import Snapshot, TrajectoryBuffer
@@ -967,6 +968,20 @@ def _suite_meta(runs_per_cell: int = 6) -> list[RunSpec]:
     return runs
 
 
+def _suite_meta_long(scale: int = 3) -> list[RunSpec]:
+    """The ``meta`` suite's runs ``scale`` times as long, each recorded at the interval the callback would use.
+
+    Same cells, data, widths, settings and seeds as ``meta``; run lengths 900 to 2700 steps (as the benchmark's
+    runs, not 300 to 900) and a snapshot every :func:`~lightning_gfm.budget.auto_schedule` interval (about 60 a
+    run), so that the meta field trains on velocities averaged over the stretches the callback's window sees.
+    """
+    out = []
+    for r in _suite_meta():
+        steps = scale * r.steps
+        out.append(replace(r, steps=steps, record_every=auto_schedule(steps)[0]))
+    return out
+
+
 def _suite_meta_smoke() -> list[RunSpec]:
     # one short run of each kind, the optimizer family rotating with the kind; each cell's second run, which has
     # the family's higher learning rate, so that the loss falls within the few steps
@@ -988,6 +1003,7 @@ SUITES: dict[str, Callable[[], list[RunSpec]]] = {
     "heldout-opt": _suite_heldout_opt,
     "smoke": _suite_smoke,
     "meta": _suite_meta,
+    "meta-long": _suite_meta_long,
     "meta-smoke": _suite_meta_smoke,
 }
 
