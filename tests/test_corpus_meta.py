@@ -80,6 +80,17 @@ def test_meta_suite_covers_kinds_families_and_schedules():
     assert {r.dataset for r in runs if r.arch.endswith("-lm")} <= set(TEXTS)
 
 
+def test_meta_long_is_the_meta_suite_three_times_as_long_at_the_callbacks_interval():
+    from lightning_gfm import auto_schedule
+
+    short, long = SUITES["meta"](), SUITES["meta-long"]()
+    assert len(long) == len(short)
+    for s, r in zip(short, long, strict=True):
+        assert replace(r, steps=s.steps, record_every=s.record_every) == s  # the same cell, data, setting, seeds
+        assert r.steps == 3 * s.steps and r.record_every == auto_schedule(r.steps)[0]
+    assert all(900 <= r.steps <= 2700 and 59 <= r.steps // r.record_every <= 61 for r in long)
+
+
 def test_meta_smoke_has_one_short_run_per_kind():
     runs = SUITES["meta-smoke"]()
     assert sorted(r.arch for r in runs) == sorted(ARCHS)

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                         "tried": len(jumps),
                         "horizons": [j["horizon"] for j in jumps],
                         "trends": [j["trend"] for j in jumps],
+                        "sources": [j["source"] for j in jumps if j["accepted"]],
                         "attempt_seconds": statistics.median([j["seconds"] for j in jumps]) if jumps else 0.0,
                         "wall": time.perf_counter() - start,
                         "curve": {"step": run["curve"]["step"], "loss": run["curve"]["loss"]},
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"{task:15s} s{seed} {name:14s} steps {step} / {b_step} saved {row['steps_saved']:+.1%} "
                         f"secs {row['seconds_saved']:+.1%} final {row['final']:.4f} (base {base['final']:.4f}) "
                         f"acc {row['accepted']}/{row['tried']} h {row['horizons']} "
-                        f"att {row['attempt_seconds']:.2f}s",
+                        f"att {row['attempt_seconds']:.2f}s src {row['sources']}",
                         flush=True,
                     )
     finally:
