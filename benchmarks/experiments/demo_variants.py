@@ -11,8 +11,9 @@ Variants: ``default`` (the callback as it is); ``no-branch`` (``branch_trends=()
 reaches its span from its first attempt, as in E32-E37); ``old-first`` (the first attempt waits for backtest
 snapshots even for the prior, as before E29); ``old-first-span`` (both: the old first attempt, the span reach);
 ``meta`` (the meta-trained field's points beside the prior's, ``field="pretrained:meta"``, E43).
-``--branch-trends`` and ``--span`` set those callback arguments for every variant (E37's defaults had
-``branch_trends=(3,)``; before this session ``span`` was 12).
+``--meta-field PATH`` gives the ``meta`` variant another field file (E51). ``--branch-trends`` and ``--span`` set
+those callback arguments for every variant (E37's defaults had ``branch_trends=(3,)``; before this session
+``span`` was 12).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/demo_variants")
     parser.add_argument("--branch-trends", nargs="*", type=int, default=[], help="GFMCallback(branch_trends=...)")
     parser.add_argument("--span", type=int, default=None, help="GFMCallback(span=...); default: the callback's")
+    parser.add_argument("--meta-field", default=None, help="the `meta` variant's field (default: pretrained:meta)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             for variant in args.variants:
                 cls, kwargs = VARIANTS[variant]
+                if variant == "meta" and args.meta_field:
+                    kwargs = {**kwargs, "field": args.meta_field}
                 demo.GFMCallback = lambda cls=cls, kwargs=kwargs, **k: cls(**{**k, **common, **kwargs})
                 run = demo.train(seed=seed, steps=args.steps, gfm=dict(demo.GFM_SETTINGS), root_dir=args.out)
                 steps, _ = demo.time_to_target(run["history"], target)
